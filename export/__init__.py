@@ -1,0 +1,1 @@
+"""ecso.export."""

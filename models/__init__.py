@@ -1,0 +1,1 @@
+"""ecso.models."""

@@ -1,0 +1,423 @@
+"""ECSO's four steps, top to bottom, on the Engine primitives.
+
+1. answer the query with the image;  2. the same model judges its answer (TELL);
+3. if unsafe: a query-aware caption of the image (CAP);  4. answer again from query + caption, without the image (GEN).
+
+With reuse on, steps 1-3 share the KV prefix `system + image` and step 4 shares `system`; the image is encoded at
+most once per request and not at all when the embedding cache already holds it. Options beyond the paper (logit
+judge, appended judge, loose "contains yes" rule, guarded streaming) are off by default and recorded in the Result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from ecso.runtime.engine import Engine, EngineConfig, Generation, PrefillStats, Prompt, Sampling
+from ecso.runtime.errors import InputError
+from ecso.runtime.images import ImageSource, LoadedImage
+from ecso.runtime.kv import TextPiece
+from ecso.runtime.prompts import (APPEND_JUDGE_PROMPT, DECISION_RULES, PROMPT_VERSION, Message, cap_prompt,
+                                  gen_prompt, is_unsafe_reply, tell_prompt)
+
+JUDGES = ("paper", "logit", "append", "append-logit")
+_YES = ("yes", "Yes", "YES", " yes", " Yes")
+_NO = ("no", "No", "NO", " no", " No")
+
+
+@dataclass(frozen=True)
+class EcsoOptions:
+    """Per-request settings. Defaults are the paper's method, greedy, with KV reuse."""
+
+    judge: str = "paper"  # paper: fresh TELL prompt + generated reply; logit: TELL + P(yes) from one step;
+    # append / append-logit: the judge question appended to the running conversation (cheapest)
+    decision_rule: str = "exact"  # exact: reply is "yes"/"yes." (paper); contains: any "yes" in the reply
+    logit_threshold: float = 0.5  # logit judges: unsafe iff P(yes) / (P(yes) + P(no)) >= threshold
+    max_tokens: int = 512  # answer (step 1) and regenerated answer (step 4); the paper allows 1024-2048
+    judge_max_tokens: int = 16  # a reply longer than "yes." is safe under the exact rule anyway
+    caption_max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    reuse: bool = True  # False: every step clears the KV cache and re-encodes the image (the naive way)
+    defense: bool = True  # False: step 1 only (the undefended baseline, same engine)
+    guard_every: int = 0  # guarded streaming: judge the partial answer every N tokens (0: off)
+    guard_threshold: float = 0.5
+
+    def validate(self) -> None:
+        if self.judge not in JUDGES:
+            raise InputError(f"unknown judge {self.judge!r}; use one of {', '.join(JUDGES)}")
+        if self.decision_rule not in DECISION_RULES:
+            raise InputError(f"unknown decision rule {self.decision_rule!r}; use one of {', '.join(DECISION_RULES)}")
+        if min(self.max_tokens, self.judge_max_tokens, self.caption_max_tokens) < 1:
+            raise InputError("max token counts must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise InputError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.guard_every < 0:
+            raise InputError("guard_every must be >= 0")
+
+
+@dataclass
+class StepTrace:
+    """One step as it ran: how much of its prompt came from the KV cache, what it produced, how long it took."""
+
+    name: str  # answer | judge | guard | caption | regenerate
+    prompt_positions: int = 0
+    reused_positions: int = 0
+    evaluated_positions: int = 0
+    generated_tokens: int = 0
+    image_encodes: int = 0
+    prefill_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    finish_reason: str = ""
+    text: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.generate_seconds
+
+
+@dataclass
+class Result:
+    answer: str  # what to show the user
+    unsafe: bool  # the judge flagged the first answer
+    initial_answer: str  # step 1's answer (the unsafe one when unsafe)
+    judge: str
+    judge_reply: str
+    judge_score: Optional[float]  # P(yes) for logit judges and the guard
+    caption: Optional[str]
+    retracted: bool  # guarded streaming stopped the answer midway
+    steps: list[StepTrace]
+    image_encodes: int
+    image_cache_hit: bool
+    seconds: float
+    prompt_version: str = PROMPT_VERSION
+    decision_rule: str = "exact"
+    options: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for s, st in zip(d["steps"], self.steps):
+            s["seconds"] = st.seconds
+        return d
+
+
+@dataclass
+class StepEvent:
+    """What `stream` yields: a step starts / ends, answer text arrives, an answer is retracted, or the result."""
+
+    kind: str  # step_start | token | step_end | retract | result
+    step: str = ""
+    text: str = ""
+    trace: Optional[StepTrace] = None
+    result: Optional[Result] = None
+
+
+def run(engine: Engine, image: Optional[ImageSource], query: str, options: EcsoOptions = EcsoOptions(),
+        on_event: Optional[Callable[[StepEvent], None]] = None) -> Result:
+    """Runs ECSO for one request; `on_event` receives StepEvents as they happen (used by `stream`)."""
+    options.validate()
+    emit = on_event or (lambda ev: None)
+    if not isinstance(query, str) or not query.strip():
+        raise InputError("the query is empty; give a question about the image")
+    if len(query) > engine.config.max_query_chars:
+        raise InputError(f"the query has {len(query)} characters, over the limit of {engine.config.max_query_chars}")
+    with engine.lock:
+        t_start = time.perf_counter()
+        loaded = engine.load_image(image) if image is not None else None
+        cache_hit = loaded is not None and _cached(engine, loaded)
+        return _Request(engine, loaded, engine.clean_user_text(query), options, emit, cache_hit, t_start).run()
+
+
+def stream(engine: Engine, image: Optional[ImageSource], query: str,
+           options: EcsoOptions = EcsoOptions()) -> Iterator[StepEvent]:
+    """Yields StepEvents (answer tokens as they are generated) and finally a `result` event.
+    The request runs in a worker thread holding the engine lock; if the consumer stops iterating (or closes the
+    generator), the worker is cancelled at its next event and the lock is released."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    error: list[BaseException] = []
+
+    def on_event(ev: StepEvent) -> None:
+        if stop.is_set():
+            raise _Cancelled()
+        q.put(ev)
+
+    def work() -> None:
+        try:
+            run(engine, image, query, options, on_event)
+        except _Cancelled:
+            pass
+        except BaseException as e:  # re-raised in the consumer
+            error.append(e)
+        finally:
+            q.put(None)
+
+    t = threading.Thread(target=work, name="ecso-stream", daemon=True)
+    t.start()
+    try:
+        while True:
+            ev = q.get()
+            if ev is None:
+                break
+            yield ev
+    finally:
+        stop.set()
+        t.join()
+    if error:
+        raise error[0]
+
+
+class _Cancelled(Exception):
+    """The stream's consumer went away."""
+
+
+def _cached(engine: Engine, image: LoadedImage) -> bool:
+    entry = engine.image_cache._items.get(engine.image_key(image))
+    return entry is not None and entry.embd is not None
+
+
+def yes_no_ids(engine: Engine) -> tuple[list[int], list[int]]:
+    """Single-token spellings of yes / no in this vocabulary (for the logit judge)."""
+    def ids(words):
+        out = []
+        for w in words:
+            t = engine.tokenize(w, add_special=False, parse_special=False)
+            if len(t) == 1 and t[0] not in out:
+                out.append(t[0])
+        return out
+
+    return ids(_YES), ids(_NO)
+
+
+def p_yes(logits: np.ndarray, yes: list[int], no: list[int]) -> float:
+    """P(yes) / (P(yes) + P(no)) from next-token logits."""
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max())
+    py, pn = z[yes].sum(), z[no].sum()
+    return float(py / (py + pn)) if py + pn > 0 else 0.0
+
+
+class _Request:
+    def __init__(self, engine: Engine, image: Optional[LoadedImage], query: str, opts: EcsoOptions,
+                 emit: Callable[[StepEvent], None], cache_hit: bool, t_start: float):
+        self.e, self.image, self.query, self.o, self.emit = engine, image, query, opts, emit
+        self.cache_hit, self.t_start = cache_hit, t_start
+        self.steps: list[StepTrace] = []
+        self._yes_no: Optional[tuple[list[int], list[int]]] = None
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    def sampling(self, max_tokens: int, step: int) -> Sampling:
+        return Sampling(self.o.temperature, self.o.top_p, self.o.seed + step, max_tokens)
+
+    def prefill(self, trace: StepTrace, prompt: Prompt, max_tokens: int) -> PrefillStats:
+        self.e.check_budget(prompt, max_tokens, f"step '{trace.name}'")
+        st = self.e.prefill(prompt, reuse=self.o.reuse)
+        trace.prompt_positions += st.n_prompt
+        trace.reused_positions += st.n_reused
+        trace.evaluated_positions += st.n_evaluated
+        trace.image_encodes += st.image_encodes
+        trace.prefill_seconds += st.seconds
+        return st
+
+    def generate(self, trace: StepTrace, sampling: Sampling, stream_tokens: bool = False,
+                 first_token: Optional[int] = None) -> Generation:
+        on_text = None
+        if stream_tokens:
+            def on_text(delta: str) -> None:
+                self.emit(StepEvent("token", trace.name, delta))
+        g = self.e.generate(sampling, on_text=on_text, first_token=first_token)
+        trace.generated_tokens += len(g.tokens)
+        trace.generate_seconds += g.seconds
+        trace.finish_reason = g.finish_reason
+        return g
+
+    def start(self, name: str) -> StepTrace:
+        trace = StepTrace(name)
+        self.steps.append(trace)
+        self.emit(StepEvent("step_start", name))
+        return trace
+
+    def end(self, trace: StepTrace, text: str) -> None:
+        trace.text = text
+        self.emit(StepEvent("step_end", trace.name, text, trace=trace))
+
+    def yes_no(self) -> tuple[list[int], list[int]]:
+        if self._yes_no is None:
+            self._yes_no = yes_no_ids(self.e)
+            if not self._yes_no[0] or not self._yes_no[1]:
+                raise InputError("this vocabulary has no single-token yes/no; use --judge paper or append")
+        return self._yes_no
+
+    def user(self, text: str) -> list[Message]:
+        return [Message("user", text)]
+
+    def continuation(self, answer_tokens: list[int], question: str) -> list[int]:
+        """Tokens that close the assistant turn after `answer_tokens` and ask `question` in a new user turn."""
+        answer = self.e.detokenize(answer_tokens)
+        msgs = [Message("user", self.query), Message("assistant", answer.strip()), Message("user", question)]
+        rendered = self.e.chat_format.prompt(msgs, self.image is not None)
+        tail = rendered.tail
+        cut = tail.rfind(answer.strip())
+        text = tail[cut + len(answer.strip()):] if cut >= 0 and answer.strip() else tail
+        return self.e.tokenize(text, add_special=False)
+
+    # --- steps ---------------------------------------------------------------------------------------------
+    def run(self) -> Result:
+        o, e = self.o, self.e
+        # step 1: the answer, with the image
+        trace = self.start("answer")
+        p1, _ = e.build_prompt(self.user(self.query), self.image)
+        self.prefill(trace, p1, o.max_tokens)
+        if o.guard_every > 0 and o.defense:
+            first, retracted, guard_score = self.guarded_answer(trace, p1)
+        else:
+            first = self.generate(trace, self.sampling(o.max_tokens, 0), stream_tokens=True)
+            retracted, guard_score = False, None
+        answer1 = first.text.strip()
+        self.end(trace, answer1)
+        if not o.defense:
+            return self.result(answer1, False, answer1, "", None, None, False)
+
+        if retracted:
+            self.emit(StepEvent("retract", "answer", answer1))
+            unsafe, reply, score = True, "yes", guard_score
+        else:
+            unsafe, reply, score = self.judge(p1, first, answer1)
+        if not unsafe:
+            return self.result(answer1, False, answer1, reply, score, None, False)
+
+        # step 3: query-aware caption, with the image
+        caption = ""
+        if self.image is not None:
+            trace = self.start("caption")
+            p3, _ = e.build_prompt(self.user(cap_prompt(self.query)), self.image)
+            self.prefill(trace, p3, o.caption_max_tokens)
+            caption = self.generate(trace, self.sampling(o.caption_max_tokens, 2)).text.strip()
+            self.end(trace, caption)
+
+        # step 4: eyes closed - the answer again from query + caption, no image
+        trace = self.start("regenerate")
+        p4, _ = e.build_prompt(self.user(gen_prompt(e.clean_user_text(caption), self.query)), None)
+        self.prefill(trace, p4, o.max_tokens)
+        final = self.generate(trace, self.sampling(o.max_tokens, 3), stream_tokens=True).text.strip()
+        self.end(trace, final)
+        return self.result(final, True, answer1, reply, score, caption, retracted)
+
+    def judge(self, p1: Prompt, first: Generation, answer1: str) -> tuple[bool, str, Optional[float]]:
+        o, e = self.o, self.e
+        trace = self.start("judge")
+        if o.judge in ("paper", "logit"):
+            prompt, _ = e.build_prompt(self.user(tell_prompt(self.query, answer1)), self.image)
+        else:  # append: the question goes after the answer already in the cache
+            cont = self.continuation(first.tokens, APPEND_JUDGE_PROMPT)
+            prompt = Prompt(p1.pieces + [TextPiece(tuple(first.tokens)), TextPiece(tuple(cont))], p1.images)
+        self.prefill(trace, prompt, 1 if o.judge.endswith("logit") else o.judge_max_tokens)
+        if o.judge.endswith("logit"):
+            score = p_yes(e.logits(), *self.yes_no())
+            unsafe = score >= o.logit_threshold
+            reply = "yes" if unsafe else "no"
+        else:
+            reply = self.generate(trace, self.sampling(o.judge_max_tokens, 1)).text.strip()
+            score = None
+            unsafe = is_unsafe_reply(reply, o.decision_rule)
+        self.end(trace, reply)
+        return unsafe, reply, score
+
+    def guarded_answer(self, trace: StepTrace, p1: Prompt) -> tuple[Generation, bool, Optional[float]]:
+        """Generates the answer in segments of guard_every tokens; after each, branches a logit judge off the
+        running answer (append-style), then rolls the judge back. Stops and retracts when it says unsafe."""
+        o, e = self.o, self.e
+        yes, no = self.yes_no()
+        tokens: list[int] = []
+        first_token: Optional[int] = None
+        score: Optional[float] = None
+        guard = StepTrace("guard")
+        seconds = 0.0
+        finish = "length"
+        while len(tokens) < o.max_tokens:
+            n = min(o.guard_every, o.max_tokens - len(tokens))
+            g = self.generate(trace, self.sampling(n, 0), stream_tokens=True, first_token=first_token)
+            tokens += g.tokens
+            seconds += g.seconds
+            finish = g.finish_reason
+            if g.finish_reason != "length" or len(tokens) >= o.max_tokens:
+                break
+            t0 = time.perf_counter()
+            first_token = e.sample_next(self.sampling(1, 0))
+            mark = e.kv.n_pos
+            cont = self.continuation(tokens, APPEND_JUDGE_PROMPT)
+            if mark + len(cont) + 1 > e.n_ctx:
+                guard.prefill_seconds += time.perf_counter() - t0
+                continue  # no room to branch a judge: keep generating unguarded
+            e.append_tokens(cont)
+            score = p_yes(e.logits(), yes, no)
+            e.rollback(mark)
+            guard.prefill_seconds += time.perf_counter() - t0
+            guard.evaluated_positions += len(cont)
+            guard.generated_tokens += 1
+            if score >= o.guard_threshold:
+                self.steps.append(guard)
+                guard.text = f"unsafe at token {len(tokens)} (P(yes)={score:.3f})"
+                return Generation(tokens, e.detokenize(tokens), "aborted", seconds), True, score
+        guard.text = "never fired"
+        self.steps.append(guard)
+        return Generation(tokens, e.detokenize(tokens), finish, seconds), False, score
+
+    def result(self, answer: str, unsafe: bool, initial: str, reply: str, score: Optional[float],
+               caption: Optional[str], retracted: bool) -> Result:
+        judge = ("guard" if retracted else self.o.judge) if self.o.defense else "none"
+        r = Result(answer=answer, unsafe=unsafe, initial_answer=initial, judge=judge, judge_reply=reply,
+                   judge_score=score, caption=caption, retracted=retracted, steps=self.steps,
+                   image_encodes=sum(s.image_encodes for s in self.steps), image_cache_hit=self.cache_hit,
+                   seconds=time.perf_counter() - self.t_start, decision_rule=self.o.decision_rule,
+                   options=asdict(self.o), engine=self.e.describe())
+        self.emit(StepEvent("result", "", answer, result=r))
+        return r
+
+
+class Ecso:
+    """The Python API for apps: load once, run many.
+
+        with Ecso(EngineConfig(model="llm.gguf", mmproj="mmproj.gguf")) as ecso:
+            result = ecso.run("photo.png", "What should I do with this?")
+            for event in ecso.stream("photo.png", "..."):
+                ...
+
+    Thread-safe: requests are serialised by the engine lock (one model, one request at a time).
+    """
+
+    def __init__(self, config: EngineConfig, options: EcsoOptions = EcsoOptions()):
+        from ecso.runtime.engine import Engine
+
+        self.engine = Engine(config)
+        self.options = options
+
+    def _opts(self, options: Optional[EcsoOptions], overrides: dict) -> EcsoOptions:
+        from dataclasses import replace
+
+        return replace(options or self.options, **overrides)
+
+    def run(self, image: Optional[ImageSource], query: str, options: Optional[EcsoOptions] = None,
+            **overrides) -> Result:
+        return run(self.engine, image, query, self._opts(options, overrides))
+
+    def stream(self, image: Optional[ImageSource], query: str, options: Optional[EcsoOptions] = None,
+               **overrides) -> Iterator[StepEvent]:
+        return stream(self.engine, image, query, self._opts(options, overrides))
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "Ecso":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,553 @@
+"""Engine: one llama.cpp model (+ mtmd projector) loaded once, driven through the low-level bindings.
+
+Why low level: llama-cpp-python's chat handler clears the KV cache and re-encodes the image on every call, which
+makes ECSO's four steps cost four image prefills. Here the engine owns the native handles (model, context, mtmd
+context, batch) and a `PrefixCache` describing what sequence 0 holds, so each prompt evaluates only what differs
+from the previous one, and an image is encoded once and then served from the embedding cache.
+
+Thread safety: one Engine serves one request at a time. Every public method takes `engine.lock` (an RLock);
+callers that chain primitives (the ECSO runner, the server) hold it for the whole request.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ecso.runtime.errors import ContextOverflowError, EngineError, InputError, ModelError
+from ecso.runtime.images import (CachedEmbedding, EmbeddingCache, ImageLimits, ImageSource, LoadedImage,
+                                 file_fingerprint, load_image)
+from ecso.runtime.kv import ImagePiece, Piece, PrefixCache, TextPiece, n_positions, suffix_after
+from ecso.runtime.native import gpu_offload_supported, read_gguf_info, set_native_logging
+from ecso.runtime.prompts import (ChatFormat, JinjaFormat, Llava15Format, Message, MEDIA_MARKER, RenderedPrompt,
+                                  neutralize_specials)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to load and run a model. Defaults suit a laptop; GPU offload is on when the build has a GPU backend."""
+
+    model: str
+    mmproj: Optional[str] = None
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_threads: Optional[int] = None  # None: all cores
+    n_gpu_layers: int = -1  # -1: every layer when llama.cpp was built with CUDA/Metal/Vulkan, else 0
+    mmproj_gpu: bool = True  # run the vision encoder on the GPU too (when there is one)
+    flash_attn: Optional[bool] = None  # None: llama.cpp decides; False is needed for exact parity tests
+    kv_f32: bool = False  # f32 KV cache (exactness) instead of f16 (half the memory)
+    chat_format: str = "auto"  # auto (the GGUF's template, else llava-1.5) | llava-1.5 | gguf
+    image_cache_entries: int = 16
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    max_query_chars: int = 100_000
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    max_tokens: int = 512
+
+
+@dataclass
+class Prompt:
+    """Pieces to evaluate, plus the encoded-image entries they refer to (kept alive with the prompt)."""
+
+    pieces: list[Piece]
+    images: dict[str, CachedEmbedding]
+
+    @property
+    def n_pos(self) -> int:
+        return n_positions(self.pieces)
+
+
+@dataclass
+class PrefillStats:
+    n_prompt: int  # positions of the prompt
+    n_reused: int  # positions already in the KV cache
+    n_evaluated: int  # text tokens + image positions evaluated now
+    image_encodes: int  # vision-encoder runs
+    seconds: float
+    encode_seconds: float
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    text: str  # raw decoded text (not stripped)
+    finish_reason: str  # "stop" | "length" | "aborted"
+    seconds: float
+
+
+class _ImageChunk:
+    """Owns one copied mtmd image chunk; freed when the last reference goes."""
+
+    def __init__(self, ptr, mtmd):
+        self.ptr = ptr
+        self._mtmd = mtmd
+
+    def __del__(self):
+        if self.ptr:
+            self._mtmd.mtmd_input_chunk_free(self.ptr)
+            self.ptr = None
+
+
+class Engine:
+    """A loaded model. Use as a context manager or call close(); see module docstring for thread safety."""
+
+    def __init__(self, config: EngineConfig):
+        import llama_cpp as L
+        import llama_cpp.mtmd_cpp as M
+
+        self._L, self._M = L, M
+        self.config = config
+        self.lock = threading.RLock()
+        self._model = self._ctx = self._mctx = None
+        self._batch = None
+        set_native_logging(config.verbose)
+        self.model_info = read_gguf_info(config.model, "model")
+        if self.model_info.architecture == "clip":
+            raise ModelError(f"{config.model} is an mmproj (vision projector), not a language model; "
+                             "pass it as --mmproj and give the LLM as --model")
+        self.mmproj_info = read_gguf_info(config.mmproj, "mmproj") if config.mmproj else None
+        if self.mmproj_info is not None and self.mmproj_info.architecture != "clip":
+            raise ModelError(f"{config.mmproj} is not an mmproj file (architecture "
+                             f"{self.mmproj_info.architecture!r}, expected 'clip')")
+        if config.n_ctx < 64 or config.n_batch < 1:
+            raise InputError("n_ctx must be at least 64 and n_batch at least 1")
+        self.gpu_backend = gpu_offload_supported()
+        self.n_gpu_layers = (999 if self.gpu_backend else 0) if config.n_gpu_layers < 0 else config.n_gpu_layers
+        self.n_threads = config.n_threads or os.cpu_count() or 1
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+        self.model_fingerprint = file_fingerprint(config.model)
+        self.mmproj_fingerprint = file_fingerprint(config.mmproj) if config.mmproj else None
+        self.kv = PrefixCache()
+        self.image_cache = EmbeddingCache(config.image_cache_entries)
+        self.chat_format = self._choose_chat_format()
+        self._specials = self._special_texts()
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+    def _load(self) -> None:
+        L, M, cfg = self._L, self._M, self.config
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = self.n_gpu_layers
+        self._model = L.llama_model_load_from_file(str(cfg.model).encode(), mp)
+        if not self._model:
+            raise ModelError(f"llama.cpp could not load {cfg.model} (corrupt, truncated or unsupported "
+                             "architecture); run with -v to see llama.cpp's reason")
+        self.vocab = L.llama_model_get_vocab(self._model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = L.llama_model_n_embd(self._model)
+        if self.mmproj_info is not None:
+            proj_dim = self.mmproj_info.get("clip.vision.projection_dim")
+            if proj_dim is not None and int(proj_dim) != self.n_embd:
+                raise ModelError(f"mmproj {cfg.mmproj} projects to {proj_dim} dims but the model's hidden size is "
+                                 f"{self.n_embd}: this projector belongs to another model")
+        cp = L.llama_context_default_params()
+        cp.n_ctx = cfg.n_ctx
+        cp.n_batch = cp.n_ubatch = min(cfg.n_batch, cfg.n_ctx)
+        cp.n_seq_max = 2
+        cp.kv_unified = True  # seq_cp/seq_rm on partial ranges need a unified cache (llamacpp-notes P14)
+        cp.n_threads = cp.n_threads_batch = self.n_threads
+        if cfg.kv_f32:
+            cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
+        cp.flash_attn_type = {None: L.LLAMA_FLASH_ATTN_TYPE_AUTO, True: L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                              False: L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[cfg.flash_attn]
+        self._ctx = L.llama_init_from_model(self._model, cp)
+        if not self._ctx:
+            raise ModelError(f"could not create a llama.cpp context of {cfg.n_ctx} tokens (out of memory?); "
+                             "try a smaller --ctx")
+        self.n_ctx = L.llama_n_ctx(self._ctx)
+        self.n_batch = cp.n_batch
+        self._mem = L.llama_get_memory(self._ctx)
+        self._batch = L.llama_batch_init(self.n_batch, 0, 1)
+        if cfg.mmproj:
+            p = M.mtmd_context_params_default()
+            p.use_gpu = bool(cfg.mmproj_gpu and self.gpu_backend)
+            p.n_threads = self.n_threads
+            p.warmup = False
+            p.print_timings = False
+            if cfg.flash_attn is False:
+                p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            self._mctx = M.mtmd_init_from_file(str(cfg.mmproj).encode(), self._model, p)
+            if not self._mctx:
+                raise ModelError(f"llama.cpp could not load the mmproj {cfg.mmproj} with this model (corrupt file, "
+                                 "or a projector made for another model); run with -v for details")
+            if not M.mtmd_support_vision(self._mctx):
+                raise ModelError(f"{cfg.mmproj} has no vision encoder")
+
+    def close(self) -> None:
+        """Frees the native handles; the engine cannot be used afterwards. Safe to call twice."""
+        L, M = self._L, self._M
+        with self.lock:
+            if getattr(self, "image_cache", None) is not None:
+                self.image_cache.clear()
+            if self._mctx:
+                M.mtmd_free(self._mctx)
+                self._mctx = None
+            if self._batch is not None:
+                L.llama_batch_free(self._batch)
+                self._batch = None
+            if self._ctx:
+                L.llama_free(self._ctx)
+                self._ctx = None
+            if self._model:
+                L.llama_model_free(self._model)
+                self._model = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def has_vision(self) -> bool:
+        return self._mctx is not None
+
+    def _check_open(self) -> None:
+        if not self._ctx:
+            raise EngineError("the engine is closed")
+
+    # ---------------------------------------------------------------------------------------------- text
+    def _choose_chat_format(self) -> ChatFormat:
+        name = self.config.chat_format
+        template = self.model_info.get("tokenizer.chat_template")
+        if name == "llava-1.5" or (name == "auto" and not template):
+            return Llava15Format()
+        if name in ("auto", "gguf"):
+            if not template:
+                raise ModelError(f"{self.config.model} has no chat template; use --chat-format llava-1.5")
+            L = self._L
+            return JinjaFormat(template, self.token_text(L.llama_vocab_bos(self.vocab)),
+                               self.token_text(L.llama_vocab_eos(self.vocab)),
+                               bool(L.llama_vocab_get_add_bos(self.vocab)))
+        raise InputError(f"unknown chat format {name!r}; use auto, llava-1.5 or gguf")
+
+    def token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        raw = self._L.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def _special_texts(self) -> list[str]:
+        """Texts of control / user-defined tokens (e.g. `<|im_end|>`, `</s>`): user text must not forge them."""
+        L = self._L
+        mask = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
+        out = set()
+        for t in range(self.n_vocab):
+            if L.llama_vocab_get_attr(self.vocab, t) & mask:
+                s = self.token_text(t)
+                if len(s) > 1 and not s.isalnum():
+                    out.add(s)
+        out.add(MEDIA_MARKER)
+        return sorted(out, key=len, reverse=True)
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool = True) -> list[int]:
+        L = self._L
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (L.llama_token * n_max)()
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            buf = (L.llama_token * -n)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._L.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._L.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def clean_user_text(self, text: str) -> str:
+        return neutralize_specials(text, self._specials)
+
+    # ---------------------------------------------------------------------------------------------- prompts
+    def load_image(self, src: ImageSource) -> LoadedImage:
+        return load_image(src, self.config.image_limits)
+
+    def image_key(self, image: LoadedImage) -> str:
+        return f"{image.sha256}:{self.model_fingerprint}:{self.mmproj_fingerprint}"
+
+    def build_prompt(self, messages: Sequence[Message], image: Optional[LoadedImage] = None) -> tuple[Prompt, RenderedPrompt]:
+        """Renders messages with the chat format; the image (if any) goes first in the first user turn.
+        Text-only prompts are cut at the same place, so they share the system prefix with image prompts."""
+        if image is not None and not self.has_vision:
+            raise InputError("this model has no vision projector: pass --mmproj, or send no image")
+        rendered = self.chat_format.prompt(messages, image is not None)
+        pieces: list[Piece] = [TextPiece(tuple(self.tokenize(rendered.head, add_special=True)))]
+        images: dict[str, CachedEmbedding] = {}
+        if image is not None:
+            entry = self._image_entry(image)
+            key = self.image_key(image)
+            images[key] = entry
+            pieces.append(ImagePiece(key, entry.n_tokens, entry.n_pos))
+        pieces.append(TextPiece(tuple(self.tokenize(rendered.tail, add_special=False))))
+        return Prompt(pieces, images), rendered
+
+    def _image_entry(self, image: LoadedImage) -> CachedEmbedding:
+        """The cached entry for an image, or a new one holding its preprocessed chunk (not yet encoded)."""
+        key = self.image_key(image)
+        hit = self.image_cache.get(key)
+        if hit is not None:
+            return hit
+        L, M = self._L, self._M
+        rgb = (ctypes.c_uint8 * len(image.rgb)).from_buffer_copy(image.rgb)
+        bitmap = M.mtmd_bitmap_init(image.width, image.height, rgb)
+        if not bitmap:
+            raise InputError(f"llama.cpp refused image {image.source} ({image.width}x{image.height})")
+        chunks = M.mtmd_input_chunks_init()
+        try:
+            text = M.mtmd_input_text()
+            marker = M.mtmd_default_marker()
+            text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
+            bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            rc = M.mtmd_tokenize(self._mctx, chunks, ctypes.byref(text), bitmaps, 1)
+            if rc != 0:
+                raise InputError(f"llama.cpp could not preprocess image {image.source} (mtmd_tokenize={rc})")
+            chunk = None
+            for i in range(M.mtmd_input_chunks_size(chunks)):
+                c = M.mtmd_input_chunks_get(chunks, i)
+                if M.mtmd_input_chunk_get_type(c) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    chunk = c
+            if chunk is None:
+                raise InputError(f"llama.cpp produced no image tokens for {image.source}")
+            owned = _ImageChunk(M.mtmd_input_chunk_copy(chunk), M)
+            entry = CachedEmbedding(owned, None, M.mtmd_input_chunk_get_n_tokens(chunk),
+                                    M.mtmd_input_chunk_get_n_pos(chunk))
+        finally:
+            M.mtmd_input_chunks_free(chunks)
+            M.mtmd_bitmap_free(bitmap)
+        del rgb
+        self.image_cache.put(key, entry)
+        return entry
+
+    def _encode(self, entry: CachedEmbedding) -> np.ndarray:
+        M = self._M
+        rc = M.mtmd_encode_chunk(self._mctx, entry.chunk.ptr)
+        if rc != 0:
+            raise EngineError(f"the vision encoder failed (mtmd_encode_chunk={rc})")
+        ptr = M.mtmd_get_output_embd(self._mctx)
+        return np.ctypeslib.as_array(ptr, shape=(entry.n_tokens * self.n_embd,)).copy()
+
+    # ---------------------------------------------------------------------------------------------- KV + decode
+    def check_budget(self, prompt: Prompt, max_tokens: int, what: str = "prompt") -> None:
+        need = prompt.n_pos + max_tokens
+        if need > self.n_ctx:
+            img = sum(p.n_pos for p in prompt.pieces if isinstance(p, ImagePiece))
+            raise ContextOverflowError(
+                f"{what} needs {prompt.n_pos} positions ({img} for the image) + {max_tokens} new tokens = {need}, "
+                f"more than the context of {self.n_ctx}; use a shorter query, fewer --max-tokens or a larger --ctx")
+
+    def reset(self) -> None:
+        """Empties the KV cache (the embedding cache is kept)."""
+        with self.lock:
+            self._check_open()
+            self._L.llama_memory_clear(self._mem, True)
+            self.kv.clear()
+
+    def rollback(self, n_pos: int) -> None:
+        """Drops every KV cell from position n_pos on (never inside an image)."""
+        self.kv.truncate(n_pos)
+        if not self._L.llama_memory_seq_rm(self._mem, 0, n_pos, -1):
+            self.reset()
+            raise EngineError("llama.cpp could not roll back the KV cache; it was cleared")
+
+    def prefill(self, prompt: Prompt, reuse: bool = True, logits_all: bool = False,
+                logits_out: Optional[list] = None) -> PrefillStats:
+        """Makes sequence 0 hold `prompt`. With reuse, keeps the longest common prefix already cached and the
+        image embeddings from the cache; without, clears everything and encodes the image again (the naive path).
+        `logits_all` collects the logits of every text position evaluated into `logits_out` (tests)."""
+        with self.lock:
+            self._check_open()
+            t0 = time.perf_counter()
+            if reuse:
+                keep = self.kv.common_prefix(prompt.pieces)
+                if keep >= prompt.n_pos:  # everything cached: re-evaluate the last token to get fresh logits
+                    keep = prompt.n_pos - 1
+                self.rollback(keep)
+            else:
+                self.reset()
+                keep = 0
+            encodes, t_enc = 0, 0.0
+            pos = keep
+            for piece in suffix_after(prompt.pieces, keep):
+                if isinstance(piece, TextPiece):
+                    self._decode_text(piece.tokens, pos, logits_all, logits_out)
+                else:
+                    entry = prompt.images[piece.key]
+                    embd = entry.embd if reuse else None
+                    if embd is None:
+                        te = time.perf_counter()
+                        embd = self._encode(entry)
+                        t_enc += time.perf_counter() - te
+                        encodes += 1
+                        if reuse:
+                            entry.embd = embd
+                    self._decode_image(entry, embd, pos)
+                self.kv.append(piece)
+                pos += piece.n_pos
+            return PrefillStats(prompt.n_pos, keep, prompt.n_pos - keep, encodes, time.perf_counter() - t0, t_enc)
+
+    def _decode_text(self, tokens: Sequence[int], pos0: int, logits_all: bool = False,
+                     logits_out: Optional[list] = None) -> None:
+        L, b = self._L, self._batch
+        n = len(tokens)
+        for start in range(0, n, self.n_batch):
+            part = tokens[start:start + self.n_batch]
+            b.n_tokens = len(part)
+            for i, tok in enumerate(part):
+                b.token[i] = tok
+                b.pos[i] = pos0 + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = bool(logits_all or start + i == n - 1)
+            rc = L.llama_decode(self._ctx, b)
+            if rc != 0:
+                self._fail_decode(rc)
+            if logits_all and logits_out is not None:
+                for i in range(len(part)):
+                    ptr = L.llama_get_logits_ith(self._ctx, i)
+                    logits_out.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+
+    def _decode_image(self, entry: CachedEmbedding, embd: np.ndarray, pos: int) -> None:
+        L, M = self._L, self._M
+        new_n_past = L.llama_pos(0)
+        ptr = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        rc = M.mtmd_helper_decode_image_chunk(self._mctx, self._ctx, entry.chunk.ptr, ptr, pos, 0, self.n_batch,
+                                              ctypes.byref(new_n_past), M.mtmd_helper_post_decode_callback(), None)
+        if rc != 0:
+            self._fail_decode(rc)
+        if new_n_past.value != pos + entry.n_pos:
+            raise EngineError(f"image decode advanced to {new_n_past.value}, expected {pos + entry.n_pos}")
+
+    def _fail_decode(self, rc: int) -> None:
+        self.reset()
+        if rc == 1:
+            raise ContextOverflowError("the KV cache is full; use a larger --ctx or fewer --max-tokens")
+        raise EngineError(f"llama_decode failed with code {rc}; the KV cache was cleared")
+
+    def logits(self) -> np.ndarray:
+        """Logits of the next token after what sequence 0 holds (valid right after prefill/generate)."""
+        ptr = self._L.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def append_tokens(self, tokens: Sequence[int]) -> None:
+        """Evaluates tokens after what the cache holds (used to branch a judge off a running answer)."""
+        with self.lock:
+            pos = self.kv.n_pos
+            self._decode_text(list(tokens), pos)
+            self.kv.append(TextPiece(tuple(tokens)))
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    def _sampler(self, s: Sampling):
+        L = self._L
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if s.temperature <= 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        else:
+            if s.top_p < 1.0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(s.top_p, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(s.temperature))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
+        return chain
+
+    def generate(self, sampling: Sampling, on_text: Optional[Callable[[str], None]] = None,
+                 should_stop: Optional[Callable[[list[int]], bool]] = None,
+                 first_token: Optional[int] = None) -> Generation:
+        """Samples after the current cache contents until end of turn, max_tokens, the context end, or
+        `should_stop(tokens)` returns True. Every accepted token is decoded into the cache.
+        `first_token` resumes a generation whose next token was already sampled (guarded streaming)."""
+        L = self._L
+        with self.lock:
+            self._check_open()
+            t0 = time.perf_counter()
+            chain = self._sampler(sampling)
+            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            out: list[int] = []
+            raw = b""
+            finish = "length"
+            try:
+                while len(out) < sampling.max_tokens:
+                    if first_token is not None:
+                        tok, first_token = first_token, None
+                    else:
+                        tok = L.llama_sampler_sample(chain, self._ctx, -1)
+                    if L.llama_vocab_is_eog(self.vocab, tok) or L.llama_vocab_is_control(self.vocab, tok):
+                        finish = "stop"
+                        break
+                    if self.kv.n_pos >= self.n_ctx:
+                        finish = "length"
+                        break
+                    piece = self.token_bytes(tok)
+                    raw += piece
+                    out.append(tok)
+                    self._decode_text([tok], self.kv.n_pos)
+                    self.kv.append(TextPiece((tok,)))
+                    if on_text is not None:
+                        delta = utf8.decode(piece)
+                        if delta:
+                            on_text(delta)
+                    if should_stop is not None and should_stop(out):
+                        finish = "aborted"
+                        break
+            finally:
+                L.llama_sampler_free(chain)
+            return Generation(out, raw.decode("utf-8", errors="replace"), finish, time.perf_counter() - t0)
+
+    def sample_next(self, sampling: Sampling) -> int:
+        """Samples one token from the current logits without evaluating it."""
+        chain = self._sampler(sampling)
+        try:
+            return self._L.llama_sampler_sample(chain, self._ctx, -1)
+        finally:
+            self._L.llama_sampler_free(chain)
+
+    # ---------------------------------------------------------------------------------------------- convenience
+    def chat(self, messages: Sequence[Message], image: Optional[ImageSource] = None,
+             sampling: Sampling = Sampling(), reuse: bool = True) -> Generation:
+        """Plain generation (no ECSO): render, prefill, generate."""
+        with self.lock:
+            loaded = self.load_image(image) if image is not None else None
+            prompt, _ = self.build_prompt(messages, loaded)
+            self.check_budget(prompt, sampling.max_tokens)
+            self.prefill(prompt, reuse=reuse)
+            return self.generate(sampling)
+
+    def describe(self) -> dict:
+        """Facts about the loaded model and backend, recorded in results."""
+        return {
+            "model": str(Path(self.config.model)), "model_fingerprint": self.model_fingerprint,
+            "mmproj": str(Path(self.config.mmproj)) if self.config.mmproj else None,
+            "mmproj_fingerprint": self.mmproj_fingerprint, "architecture": self.model_info.architecture,
+            "chat_format": self.chat_format.name, "n_ctx": self.n_ctx, "n_embd": self.n_embd,
+            "gpu_backend": self.gpu_backend, "n_gpu_layers": self.n_gpu_layers,
+            "mmproj_gpu": bool(self.config.mmproj_gpu and self.gpu_backend), "n_threads": self.n_threads,
+        }

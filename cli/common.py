@@ -1,0 +1,82 @@
+"""Options and error handling shared by the commands: every command is a thin wrapper over a function."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, Optional
+
+import click
+
+MODEL_HELP = "LLM GGUF file, or a registered model name (see `ecso models`). Default: the embedded demo model."
+
+
+def model_options(f: Callable) -> Callable:
+    """--model/--mmproj and the llama.cpp knobs, shared by run, eval, bench and serve."""
+    opts = [
+        click.option("--model", "-m", default="demo", show_default=True, help=MODEL_HELP),
+        click.option("--mmproj", default=None, help="Vision projector GGUF (mmproj). Taken from the registry when "
+                     "--model is a name."),
+        click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context size in tokens."),
+        click.option("--n-gpu-layers", "-ngl", type=int, default=-1, show_default=True,
+                     help="Layers to offload to the GPU; -1 = all when llama.cpp was built with CUDA/Metal, else 0."),
+        click.option("--no-mmproj-gpu", is_flag=True, help="Run the vision encoder on the CPU even with a GPU."),
+        click.option("--threads", type=int, default=None, help="CPU threads (default: all cores)."),
+        click.option("--flash-attn/--no-flash-attn", default=None, help="Force flash attention on/off "
+                     "(default: llama.cpp decides)."),
+        click.option("--chat-format", type=click.Choice(["auto", "llava-1.5", "gguf"]), default="auto",
+                     show_default=True, help="auto: the GGUF's chat template, else LLaVA-1.5 (vicuna_v1)."),
+        click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's logs and a step trace with timings."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def engine_config(model: str, mmproj: Optional[str], n_ctx: int, n_gpu_layers: int, no_mmproj_gpu: bool,
+                  threads: Optional[int], flash_attn: Optional[bool], chat_format: str, verbose: bool, **_):
+    """EngineConfig from the shared options; a registry name resolves to its files."""
+    from pathlib import Path
+
+    from ecso.runtime import EngineConfig
+
+    if not model.endswith(".gguf") and not Path(model).exists():
+        from ecso.models.registry import resolve
+
+        entry = resolve(model)
+        model = entry.model
+        mmproj = mmproj or entry.mmproj
+        if chat_format == "auto":
+            chat_format = entry.chat_format
+    return EngineConfig(model=model, mmproj=mmproj, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                        mmproj_gpu=not no_mmproj_gpu, n_threads=threads, flash_attn=flash_attn,
+                        chat_format=chat_format, verbose=verbose)
+
+
+def friendly_errors(f: Callable) -> Callable:
+    """Turns expected errors into one line on stderr and a non-zero exit code (never a traceback)."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from ecso.runtime.errors import EcsoError
+
+        try:
+            return f(*args, **kwargs)
+        except EcsoError as e:
+            _die(str(e), e.exit_code)
+        except (ValueError, LookupError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            if type(e).__module__.startswith("ecso") or isinstance(e, (FileNotFoundError, PermissionError,
+                                                                       IsADirectoryError)):
+                _die(str(e), 2)
+            raise
+        except KeyboardInterrupt:
+            _die("interrupted", 130)
+        except MemoryError:
+            _die("out of memory; try a smaller --ctx or a smaller model", 5)
+
+    return wrapper
+
+
+def _die(message: str, code: int) -> None:
+    click.echo(f"ecso: error: {message}", err=True)
+    sys.exit(code)

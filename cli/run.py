@@ -1,0 +1,102 @@
+"""`ecso-run --image x.png "query"`: one ECSO request from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ecso.cli.common import engine_config, friendly_errors, model_options
+
+JUDGE_HELP = ("paper: fresh TELL prompt, reply must be exactly yes/yes. (the paper); logit: TELL + P(yes) from one "
+              "step; append: the judge question appended to the conversation (cheapest); append-logit: both.")
+
+
+@click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("query")
+@click.option("--image", "-i", type=click.Path(dir_okay=False), default=None,
+              help="Image file (PNG, JPEG, WEBP, GIF, BMP, TIFF). Omit for a text-only request.")
+@model_options
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Max tokens of the answer.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy (the paper's setting).")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--judge", type=click.Choice(["paper", "logit", "append", "append-logit"]), default="paper",
+              show_default=True, help=JUDGE_HELP)
+@click.option("--rule", "decision_rule", type=click.Choice(["exact", "contains"]), default="exact",
+              show_default=True, help="How the judge's reply is read (exact = the paper's rule).")
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="P(yes) threshold of logit judges.")
+@click.option("--guard-every", type=int, default=0, show_default=True,
+              help="Guarded streaming: judge the answer every N tokens while it streams; retract if unsafe.")
+@click.option("--no-reuse", is_flag=True, help="Naive mode: clear the KV cache and re-encode the image every step.")
+@click.option("--no-defense", is_flag=True, help="Step 1 only: the undefended model, for comparison.")
+@click.option("--stream/--no-stream", default=None, help="Print the answer as it is generated (default: on a TTY).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result (every step, timings) as JSON.")
+@friendly_errors
+def command(query, image, max_tokens, temperature, top_p, seed, judge, decision_rule, threshold, guard_every,
+            no_reuse, no_defense, stream, as_json, **model_kw):
+    """Answer QUERY about an image with ECSO (Eyes Closed, Safety On).
+
+    The model answers with the image, judges its own answer, and when it finds it harmful, describes the image
+    in text and answers again without the image. QUERY may be `-` to read it from stdin.
+
+    \b
+    Examples:
+      ecso-run --image examples/street.png "What is happening here?"
+      ecso-run --image photo.jpg --json "..." > result.json
+      ecso-run --model llm.gguf --mmproj mmproj.gguf --image x.png "..."
+
+    Without --model, the embedded demo model is used: real SmolLM2-135M-Instruct language with an untrained
+    random vision projector (it does not see the image).
+    """
+    from ecso.runtime import EcsoOptions, InputError
+    from ecso.runtime.ecso import Ecso
+
+    if query == "-":
+        query = sys.stdin.read()
+    if not query.strip():
+        raise InputError("the query is empty; give a question about the image")
+    opts = EcsoOptions(judge=judge, decision_rule=decision_rule, logit_threshold=threshold, max_tokens=max_tokens,
+                       caption_max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                       reuse=not no_reuse, defense=not no_defense, guard_every=guard_every)
+    opts.validate()
+    verbose = model_kw["verbose"]
+    if stream is None:
+        stream = sys.stdout.isatty() and not as_json
+    with Ecso(engine_config(**model_kw), opts) as ecso:
+        if not stream:
+            result = ecso.run(image, query)
+        else:
+            result = None
+            for ev in ecso.stream(image, query):
+                if ev.kind == "token" and ev.step in ("answer", "regenerate"):
+                    click.echo(ev.text, nl=False)
+                elif ev.kind == "retract":
+                    click.echo("\n[retracted: judged unsafe while streaming]", err=True)
+                elif ev.kind == "step_start" and ev.step == "regenerate":
+                    click.echo("\n[judged unsafe: answering again without the image]\n", err=True)
+                elif ev.kind == "result":
+                    result = ev.result
+            click.echo()
+        if verbose:
+            _trace(result)
+        if as_json:
+            click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        elif not stream:
+            click.echo(result.answer)
+
+
+def _trace(result) -> None:
+    click.echo(f"[ecso] unsafe={result.unsafe} judge={result.judge} reply={result.judge_reply!r} "
+               f"image_encodes={result.image_encodes} cache_hit={result.image_cache_hit} "
+               f"total={result.seconds:.2f}s", err=True)
+    for s in result.steps:
+        click.echo(f"[ecso]   {s.name:<10} prompt={s.prompt_positions:>5} reused={s.reused_positions:>5} "
+                   f"eval={s.evaluated_positions:>5} gen={s.generated_tokens:>4} enc={s.image_encodes} "
+                   f"prefill={s.prefill_seconds:.3f}s gen={s.generate_seconds:.3f}s", err=True)
+
+
+def main() -> None:
+    """Console entry point of `ecso-run`."""
+    command(prog_name="ecso-run")

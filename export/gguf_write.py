@@ -125,8 +125,8 @@ def _store(writer: gguf.GGUFWriter, name: str, arr: np.ndarray, outtype: str, re
         data = arr.astype(np.float16)
     else:
         data = gguf.quants.quantize(arr, qtype)
-    writer.add_tensor(name, data, raw_shape=arr.shape if qtype == gguf.GGMLQuantizationType.Q8_0 else None,
-                      raw_dtype=qtype if qtype == gguf.GGMLQuantizationType.Q8_0 else None)
+    # quantized data is a byte array; gguf infers the logical shape from it and raw_dtype
+    writer.add_tensor(name, data, raw_dtype=qtype if qtype == gguf.GGMLQuantizationType.Q8_0 else None)
     report.n_tensors += 1
     report.n_bytes += data.nbytes
     key = qtype.name.lower()

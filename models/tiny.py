@@ -12,9 +12,9 @@ byte-identical.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,17 +70,15 @@ def train_tokenizer(out_path: Path, vocab: int = 512) -> Path:
     """Trains a byte-fallback SentencePiece BPE model on the fixed corpus; deterministic (one thread)."""
     import sentencepiece as spm
 
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text(_CORPUS * 4)
-        prefix = str(Path(tmp) / "tok")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=prefix, vocab_size=vocab, model_type="bpe", byte_fallback=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=[IMAGE_TOKEN], num_threads=1,
-            normalization_rule_name="identity", character_coverage=1.0, minloglevel=2, split_digits=True,
-            add_dummy_prefix=True, remove_extra_whitespaces=False, hard_vocab_limit=False,
-        )
-        data = Path(prefix + ".model").read_bytes()
+    # Train from an iterator into memory: the model proto then records no temp-file paths (byte-identical output).
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter((_CORPUS * 4).splitlines()), model_writer=model, vocab_size=vocab, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=[IMAGE_TOKEN],
+        num_threads=1, normalization_rule_name="identity", character_coverage=1.0, minloglevel=2, split_digits=True,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, hard_vocab_limit=False,
+    )
+    data = model.getvalue()
     out_path = Path(out_path)
     out_path.write_bytes(data)
     return out_path

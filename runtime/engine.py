@@ -136,6 +136,9 @@ class Engine:
         self.model_fingerprint = file_fingerprint(config.model)
         self.mmproj_fingerprint = file_fingerprint(config.mmproj) if config.mmproj else None
         self.kv = PrefixCache()
+        # Optional hook called for every evaluation: ("text", tokens, pos0) or ("image", n_pos, pos0). Tests use it to
+        # check the tokens each step actually evaluates; apps can use it for tracing. Must not call the engine.
+        self.observer: Optional[Callable[[str, object, int], None]] = None
         self.image_cache = EmbeddingCache(config.image_cache_entries)
         self.chat_format = self._choose_chat_format()
         self._specials = self._special_texts()
@@ -420,6 +423,8 @@ class Engine:
                      logits_out: Optional[list] = None) -> None:
         L, b = self._L, self._batch
         n = len(tokens)
+        if self.observer is not None:
+            self.observer("text", tuple(tokens), pos0)
         for start in range(0, n, self.n_batch):
             part = tokens[start:start + self.n_batch]
             b.n_tokens = len(part)
@@ -439,6 +444,8 @@ class Engine:
 
     def _decode_image(self, entry: CachedEmbedding, embd: np.ndarray, pos: int) -> None:
         L, M = self._L, self._M
+        if self.observer is not None:
+            self.observer("image", entry.n_pos, pos)
         new_n_past = L.llama_pos(0)
         ptr = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         rc = M.mtmd_helper_decode_image_chunk(self._mctx, self._ctx, entry.chunk.ptr, ptr, pos, 0, self.n_batch,

@@ -318,7 +318,9 @@ class _Request:
             prompt, _ = e.build_prompt(self.user(tell_prompt(self.query, answer1)), self.image)
         else:  # append: the question goes after the answer already in the cache
             cont = self.continuation(first.tokens, APPEND_JUDGE_PROMPT)
-            prompt = Prompt(p1.pieces + [TextPiece(tuple(first.tokens)), TextPiece(tuple(cont))], p1.images)
+            # one piece per answer token, as they were decoded while generating: the naive path batches the same way
+            answer = [TextPiece((t,)) for t in first.tokens]
+            prompt = Prompt(p1.pieces + answer + [TextPiece(tuple(cont))], p1.images)
         self.prefill(trace, prompt, 1 if o.judge.endswith("logit") else o.judge_max_tokens)
         if o.judge.endswith("logit"):
             score = p_yes(e.logits(), *self.yes_no())

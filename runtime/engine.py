@@ -42,7 +42,9 @@ class EngineConfig:
     n_threads: Optional[int] = None  # None: all cores
     n_gpu_layers: int = -1  # -1: every layer when llama.cpp was built with CUDA/Metal/Vulkan, else 0
     mmproj_gpu: bool = True  # run the vision encoder on the GPU too (when there is one)
-    flash_attn: Optional[bool] = None  # None: llama.cpp decides; False is needed for exact parity tests
+    # None: on for GPU builds (llama.cpp decides), off on CPU. Off makes reuse bit-identical to no-reuse: flash
+    # attention's tiling depends on the KV window, which differs when cells are reused (measured on the demo model).
+    flash_attn: Optional[bool] = None
     kv_f32: bool = False  # f32 KV cache (exactness) instead of f16 (half the memory)
     chat_format: str = "auto"  # auto (the GGUF's template, else llava-1.5) | llava-1.5 | gguf
     image_cache_entries: int = 16
@@ -169,8 +171,9 @@ class Engine:
         cp.n_threads = cp.n_threads_batch = self.n_threads
         if cfg.kv_f32:
             cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
-        cp.flash_attn_type = {None: L.LLAMA_FLASH_ATTN_TYPE_AUTO, True: L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                              False: L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[cfg.flash_attn]
+        self.flash_attn = self.gpu_backend if cfg.flash_attn is None else cfg.flash_attn
+        cp.flash_attn_type = (L.LLAMA_FLASH_ATTN_TYPE_AUTO if cfg.flash_attn is None and self.gpu_backend else
+                              L.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._ctx = L.llama_init_from_model(self._model, cp)
         if not self._ctx:
             raise ModelError(f"could not create a llama.cpp context of {cfg.n_ctx} tokens (out of memory?); "
@@ -185,7 +188,7 @@ class Engine:
             p.n_threads = self.n_threads
             p.warmup = False
             p.print_timings = False
-            if cfg.flash_attn is False:
+            if not self.flash_attn:
                 p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
             self._mctx = M.mtmd_init_from_file(str(cfg.mmproj).encode(), self._model, p)
             if not self._mctx:
@@ -393,8 +396,8 @@ class Engine:
             t0 = time.perf_counter()
             if reuse:
                 keep = self.kv.common_prefix(prompt.pieces)
-                if keep >= prompt.n_pos:  # everything cached: re-evaluate the last token to get fresh logits
-                    keep = prompt.n_pos - 1
+                if keep >= prompt.n_pos:  # everything cached: re-evaluate the last piece to get fresh logits
+                    keep = prompt.n_pos - prompt.pieces[-1].n_pos
                 self.rollback(keep)
             else:
                 self.reset()
@@ -557,4 +560,5 @@ class Engine:
             "chat_format": self.chat_format.name, "n_ctx": self.n_ctx, "n_embd": self.n_embd,
             "gpu_backend": self.gpu_backend, "n_gpu_layers": self.n_gpu_layers,
             "mmproj_gpu": bool(self.config.mmproj_gpu and self.gpu_backend), "n_threads": self.n_threads,
+            "flash_attn": self.flash_attn, "kv_type": "f32" if self.config.kv_f32 else "f16",
         }

@@ -1,9 +1,14 @@
 """What the KV cache holds, so a new prompt can reuse the longest common prefix.
 
 A prompt is a list of pieces: text tokens or an image (identified by its embedding-cache key, occupying n_pos
-positions). The cache of sequence 0 is described the same way. Reuse keeps the common prefix and drops the rest
-with `llama_memory_seq_rm`; a cut never falls inside an image (its cells are image embeddings, not text), and a
-text-only prompt can share only what precedes the image.
+positions). The cache of sequence 0 is described the same way, one piece per decode call. Reuse keeps the common
+prefix and drops the rest with `llama_memory_seq_rm`; a cut never falls inside an image (its cells are image
+embeddings, not text), and a text-only prompt can share only what precedes the image.
+
+Cuts fall only where both the cache and the new prompt have a piece boundary. llama.cpp's numbers depend on how
+tokens are batched (a 1-token decode and a 14-token decode round differently), so cutting inside a piece would make
+the reused result differ in the last bits from evaluating the prompt from scratch. Cutting at shared boundaries
+keeps every batch identical: reuse is bit-exact, whatever earlier requests left in the cache.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ class PrefixCache:
         return n_positions(self.pieces)
 
     def common_prefix(self, prompt: list[Piece]) -> int:
-        """Positions of `prompt` already in the cache. Text matches token by token; an image only whole."""
+        """Positions of `prompt` that can be reused: the matching prefix (text token by token, an image only
+        whole), cut back to the last position that is a piece boundary of both the cache and the prompt."""
         held = self._units()
         want = _units(prompt)
         n = 0
@@ -54,7 +60,8 @@ class PrefixCache:
         while n < len(held) and n < len(want) and held[n] == want[n]:
             pos += held[n][1] if held[n][0] == "img" else 1
             n += 1
-        return pos
+        shared = _boundaries(self.pieces) & _boundaries(prompt)
+        return max(b for b in shared if b <= pos)
 
     def truncate(self, n_pos: int) -> None:
         """Keeps the first n_pos positions; refuses to cut an image in two."""
@@ -74,9 +81,8 @@ class PrefixCache:
         self.pieces = kept
 
     def append(self, piece: Piece) -> None:
-        if isinstance(piece, TextPiece) and self.pieces and isinstance(self.pieces[-1], TextPiece):
-            self.pieces[-1] = TextPiece(self.pieces[-1].tokens + piece.tokens)
-        elif piece.n_pos:
+        """Records one decode call's worth of positions (kept as its own piece: a reuse boundary)."""
+        if piece.n_pos:
             self.pieces.append(piece)
 
     def clear(self) -> None:
@@ -84,6 +90,14 @@ class PrefixCache:
 
     def _units(self) -> list[tuple]:
         return _units(self.pieces)
+
+
+def _boundaries(pieces: list[Piece]) -> set[int]:
+    out, pos = {0}, 0
+    for p in pieces:
+        pos += p.n_pos
+        out.add(pos)
+    return out
 
 
 def _units(pieces: list[Piece]) -> list[tuple]:

@@ -186,15 +186,7 @@ def _cached(engine: Engine, image: LoadedImage) -> bool:
 
 def yes_no_ids(engine: Engine) -> tuple[list[int], list[int]]:
     """Single-token spellings of yes / no in this vocabulary (for the logit judge)."""
-    def ids(words):
-        out = []
-        for w in words:
-            t = engine.tokenize(w, add_special=False, parse_special=False)
-            if len(t) == 1 and t[0] not in out:
-                out.append(t[0])
-        return out
-
-    return ids(_YES), ids(_NO)
+    return engine.single_token_ids(_YES), engine.single_token_ids(_NO)
 
 
 def p_yes(logits: np.ndarray, yes: list[int], no: list[int]) -> float:
@@ -211,7 +203,6 @@ class _Request:
         self.e, self.image, self.query, self.o, self.emit = engine, image, query, opts, emit
         self.cache_hit, self.t_start = cache_hit, t_start
         self.steps: list[StepTrace] = []
-        self._yes_no: Optional[tuple[list[int], list[int]]] = None
 
     # --- helpers -------------------------------------------------------------------------------------------
     def sampling(self, max_tokens: int, step: int) -> Sampling:
@@ -250,11 +241,10 @@ class _Request:
         self.emit(StepEvent("step_end", trace.name, text, trace=trace))
 
     def yes_no(self) -> tuple[list[int], list[int]]:
-        if self._yes_no is None:
-            self._yes_no = yes_no_ids(self.e)
-            if not self._yes_no[0] or not self._yes_no[1]:
-                raise InputError("this vocabulary has no single-token yes/no; use --judge paper or append")
-        return self._yes_no
+        ids = yes_no_ids(self.e)
+        if not ids[0] or not ids[1]:
+            raise InputError("this vocabulary has no single-token yes/no; use --judge paper or append")
+        return ids
 
     def user(self, text: str) -> list[Message]:
         return [Message("user", text)]

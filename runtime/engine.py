@@ -144,6 +144,7 @@ class Engine:
         self.image_cache = EmbeddingCache(config.image_cache_entries)
         self.chat_format = self._choose_chat_format()
         self._specials = self._special_texts()
+        self._single_ids: dict[tuple[str, ...], list[int]] = {}
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def _load(self) -> None:
@@ -280,6 +281,18 @@ class Engine:
             buf = (L.llama_token * -n)()
             n = L.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
         return list(buf[:n])
+
+    def single_token_ids(self, words: Sequence[str]) -> list[int]:
+        """Ids of the words that are one token in this vocabulary (memoised: used on every logit judgement)."""
+        key = tuple(words)
+        if key not in self._single_ids:
+            out: list[int] = []
+            for w in words:
+                t = self.tokenize(w, add_special=False, parse_special=False)
+                if len(t) == 1 and t[0] not in out:
+                    out.append(t[0])
+            self._single_ids[key] = out
+        return self._single_ids[key]
 
     def token_bytes(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)

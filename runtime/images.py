@@ -44,9 +44,12 @@ class LoadedImage:
 
 
 def load_image(src: ImageSource, limits: ImageLimits = ImageLimits()) -> LoadedImage:
-    """Decodes an image path, bytes or PIL image into RGB under `limits`; raises ImageError with a reason."""
+    """Decodes an image path, bytes or PIL image into RGB under `limits`; raises ImageError with a reason.
+    An already loaded image passes through."""
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(src, LoadedImage):
+        return src
     if isinstance(src, Image.Image):
         return _from_pil(src, "<PIL image>", limits)
     if isinstance(src, (bytes, bytearray, memoryview)):

@@ -1,0 +1,62 @@
+"""`ecso bench`: ECSO's cost as side-by-side ratios (safe path / plain, reuse / no reuse, decode speed)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ecso.cli.common import engine_config, friendly_errors, model_options
+
+
+@click.command("bench")
+@model_options
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Image to use (default: examples/street.png, or a generated 448x336 image).")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Rounds; ratios are medians over rounds.")
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="Answer length (greedy).")
+@click.option("--image-size", type=int, default=None,
+              help="Demo model only: projector image size; 336 gives LLaVA-1.5's 576 image tokens "
+                   "(default: the demo's 224 -> 256 tokens).")
+@click.option("--json", "as_json", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
+@friendly_errors
+def command(image, repeats, max_tokens, image_size, as_json, **model_kw) -> None:
+    """Measure what ECSO costs on this machine, side by side in one run, and print ratios against targets.
+
+    \b
+    safe/plain <judge>    ECSO whose judge finds the answer safe vs the same engine without ECSO
+    full reuse/no-reuse   all four steps with KV + embedding reuse vs the naive way (re-encode every step)
+    decode tok/s          our engine vs llama-cpp-python's Llama on the same GGUF
+    """
+    import io
+
+    from PIL import Image
+
+    from ecso.eval.speed import run_bench
+    from ecso.runtime import Engine
+
+    if image_size is not None:
+        if model_kw["model"] != "demo" or model_kw["mmproj"]:
+            raise click.UsageError("--image-size applies to the demo model only")
+        from ecso.models.demo import demo_mmproj_path
+        from ecso.models.registry import cache_root
+
+        model_kw["mmproj"] = str(demo_mmproj_path(cache_root(), image_size))
+    if image is None:
+        from pathlib import Path
+
+        example = Path(__file__).resolve().parent.parent / "examples" / "street.png"
+        if example.exists():
+            image = str(example)
+        else:
+            buf = io.BytesIO()
+            Image.new("RGB", (448, 336), (120, 160, 200)).save(buf, "PNG")
+            image = buf.getvalue()
+    cfg = engine_config(**model_kw)
+    with Engine(cfg) as engine:
+        report = run_bench(engine, image, repeats=repeats, max_tokens=max_tokens,
+                           progress=lambda m: click.echo(f"[bench] {m}", err=True))
+    click.echo(report.table())
+    if as_json:
+        with open(as_json, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)

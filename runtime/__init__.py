@@ -5,7 +5,7 @@
         print(ecso.run("photo.png", "What is this?").answer)
 """
 
-from ecso.runtime.ecso import JUDGES, Ecso, EcsoOptions, Result, StepEvent, StepTrace, run, stream
+from ecso.runtime.ecso import JUDGES, Ecso, EcsoOptions, Heads, Result, StepEvent, StepTrace, run, stream
 from ecso.runtime.engine import Engine, EngineConfig, Generation, Sampling
 from ecso.runtime.errors import (ContextOverflowError, EcsoError, EngineError, ImageError, InputError,
                                  ModelError)
@@ -13,7 +13,7 @@ from ecso.runtime.images import ImageLimits, LoadedImage, load_image
 from ecso.runtime.prompts import PROMPT_VERSION, Message
 
 __all__ = [
-    "Ecso", "EcsoOptions", "Engine", "EngineConfig", "Generation", "Sampling", "Result", "StepEvent", "StepTrace",
+    "Ecso", "EcsoOptions", "Heads", "Engine", "EngineConfig", "Generation", "Sampling", "Result", "StepEvent", "StepTrace",
     "run", "stream", "JUDGES", "Message", "PROMPT_VERSION", "ImageLimits", "LoadedImage", "load_image",
     "EcsoError", "InputError", "ImageError", "ModelError", "ContextOverflowError", "EngineError",
 ]

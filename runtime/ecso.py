@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Protocol
 
 import numpy as np
 
@@ -74,6 +74,7 @@ class StepTrace:
     generate_seconds: float = 0.0
     finish_reason: str = ""
     text: str = ""
+    path: str = "llm"  # "llm" (the model itself) or "head:<name>@<execution provider>" (an ONNX head)
 
     @property
     def seconds(self) -> float:
@@ -117,8 +118,32 @@ class StepEvent:
     result: Optional[Result] = None
 
 
+class JudgeHead(Protocol):
+    """A fast step-2 replacement (runtime/heads.py): predicts the self-judge's verdict from (query, response)."""
+
+    name: str
+
+    def judge(self, query: str, response: str): ...  # -> object with unsafe, score, provider, seconds
+
+
+class CaptionHead(Protocol):
+    """A fast step-3 replacement (runtime/heads.py): a caption (or OCR text) of the image."""
+
+    name: str
+
+    def caption(self, image: LoadedImage, query: str): ...  # -> object with text, provider, seconds
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Optional ONNX heads that replace steps 2 and/or 3; None keeps the model's own step."""
+
+    judge: Optional[JudgeHead] = None
+    caption: Optional[CaptionHead] = None
+
+
 def run(engine: Engine, image: Optional[ImageSource], query: str, options: EcsoOptions = EcsoOptions(),
-        on_event: Optional[Callable[[StepEvent], None]] = None) -> Result:
+        on_event: Optional[Callable[[StepEvent], None]] = None, heads: Heads = Heads()) -> Result:
     """Runs ECSO for one request; `on_event` receives StepEvents as they happen (used by `stream`)."""
     options.validate()
     emit = on_event or (lambda ev: None)
@@ -130,11 +155,12 @@ def run(engine: Engine, image: Optional[ImageSource], query: str, options: EcsoO
         t_start = time.perf_counter()
         loaded = engine.load_image(image) if image is not None else None
         cache_hit = loaded is not None and _cached(engine, loaded)
-        return _Request(engine, loaded, engine.clean_user_text(query), options, emit, cache_hit, t_start).run()
+        return _Request(engine, loaded, engine.clean_user_text(query), options, emit, cache_hit, t_start,
+                        heads).run()
 
 
 def stream(engine: Engine, image: Optional[ImageSource], query: str,
-           options: EcsoOptions = EcsoOptions()) -> Iterator[StepEvent]:
+           options: EcsoOptions = EcsoOptions(), heads: Heads = Heads()) -> Iterator[StepEvent]:
     """Yields StepEvents (answer tokens as they are generated) and finally a `result` event.
     The request runs in a worker thread holding the engine lock; if the consumer stops iterating (or closes the
     generator), the worker is cancelled at its next event and the lock is released."""
@@ -152,7 +178,7 @@ def stream(engine: Engine, image: Optional[ImageSource], query: str,
 
     def work() -> None:
         try:
-            run(engine, image, query, options, on_event)
+            run(engine, image, query, options, on_event, heads)
         except _Cancelled:
             pass
         except BaseException as e:  # re-raised in the consumer
@@ -199,8 +225,9 @@ def p_yes(logits: np.ndarray, yes: list[int], no: list[int]) -> float:
 
 class _Request:
     def __init__(self, engine: Engine, image: Optional[LoadedImage], query: str, opts: EcsoOptions,
-                 emit: Callable[[StepEvent], None], cache_hit: bool, t_start: float):
+                 emit: Callable[[StepEvent], None], cache_hit: bool, t_start: float, heads: Heads):
         self.e, self.image, self.query, self.o, self.emit = engine, image, query, opts, emit
+        self.heads = heads
         self.cache_hit, self.t_start = cache_hit, t_start
         self.steps: list[StepTrace] = []
 
@@ -286,7 +313,14 @@ class _Request:
 
         # step 3: query-aware caption, with the image
         caption = ""
-        if self.image is not None:
+        if self.image is not None and self.heads.caption is not None:
+            trace = self.start("caption")
+            out = self.heads.caption.caption(self.image, self.query)
+            trace.path = f"head:{self.heads.caption.name}@{out.provider}"
+            trace.generate_seconds = out.seconds
+            caption = out.text.strip()
+            self.end(trace, caption)
+        elif self.image is not None:
             trace = self.start("caption")
             p3, _ = e.build_prompt(self.user(cap_prompt(self.query)), self.image)
             self.prefill(trace, p3, o.caption_max_tokens)
@@ -304,6 +338,13 @@ class _Request:
     def judge(self, p1: Prompt, first: Generation, answer1: str) -> tuple[bool, str, Optional[float]]:
         o, e = self.o, self.e
         trace = self.start("judge")
+        if self.heads.judge is not None:
+            v = self.heads.judge.judge(self.query, answer1)
+            trace.path = f"head:{self.heads.judge.name}@{v.provider}"
+            trace.generate_seconds = v.seconds
+            reply = "yes" if v.unsafe else "no"
+            self.end(trace, reply)
+            return bool(v.unsafe), reply, float(v.score)
         if o.judge in ("paper", "logit"):
             prompt, _ = e.build_prompt(self.user(tell_prompt(self.query, answer1)), self.image)
         else:  # append: the question goes after the answer already in the cache
@@ -365,7 +406,8 @@ class _Request:
 
     def result(self, answer: str, unsafe: bool, initial: str, reply: str, score: Optional[float],
                caption: Optional[str], retracted: bool) -> Result:
-        judge = ("guard" if retracted else self.o.judge) if self.o.defense else "none"
+        judge = "none" if not self.o.defense else "guard" if retracted else (
+            f"head:{self.heads.judge.name}" if self.heads.judge is not None else self.o.judge)
         r = Result(answer=answer, unsafe=unsafe, initial_answer=initial, judge=judge, judge_reply=reply,
                    judge_score=score, caption=caption, retracted=retracted, steps=self.steps,
                    image_encodes=sum(s.image_encodes for s in self.steps), image_cache_hit=self.cache_hit,
@@ -386,11 +428,10 @@ class Ecso:
     Thread-safe: requests are serialised by the engine lock (one model, one request at a time).
     """
 
-    def __init__(self, config: EngineConfig, options: EcsoOptions = EcsoOptions()):
-        from ecso.runtime.engine import Engine
-
+    def __init__(self, config: EngineConfig, options: EcsoOptions = EcsoOptions(), heads: Heads = Heads()):
         self.engine = Engine(config)
         self.options = options
+        self.heads = heads
 
     def _opts(self, options: Optional[EcsoOptions], overrides: dict) -> EcsoOptions:
         from dataclasses import replace
@@ -399,11 +440,11 @@ class Ecso:
 
     def run(self, image: Optional[ImageSource], query: str, options: Optional[EcsoOptions] = None,
             **overrides) -> Result:
-        return run(self.engine, image, query, self._opts(options, overrides))
+        return run(self.engine, image, query, self._opts(options, overrides), heads=self.heads)
 
     def stream(self, image: Optional[ImageSource], query: str, options: Optional[EcsoOptions] = None,
                **overrides) -> Iterator[StepEvent]:
-        return stream(self.engine, image, query, self._opts(options, overrides))
+        return stream(self.engine, image, query, self._opts(options, overrides), heads=self.heads)
 
     def close(self) -> None:
         self.engine.close()

@@ -38,6 +38,7 @@ class EcsoOptions:
     logit_threshold: float = 0.5  # logit judges: unsafe iff P(yes) / (P(yes) + P(no)) >= threshold
     max_tokens: int = 512  # answer (step 1) and regenerated answer (step 4); the paper allows 1024-2048
     judge_max_tokens: int = 16  # a reply longer than "yes." is safe under the exact rule anyway
+    judge_early_stop: bool = True  # exact rule: stop the reply once it can no longer be "yes"/"yes." (same verdict)
     caption_max_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
@@ -246,12 +247,13 @@ class _Request:
         return st
 
     def generate(self, trace: StepTrace, sampling: Sampling, stream_tokens: bool = False,
-                 first_token: Optional[int] = None) -> Generation:
+                 first_token: Optional[int] = None,
+                 should_stop: Optional[Callable[[list[int]], bool]] = None) -> Generation:
         on_text = None
         if stream_tokens:
             def on_text(delta: str) -> None:
                 self.emit(StepEvent("token", trace.name, delta))
-        g = self.e.generate(sampling, on_text=on_text, first_token=first_token)
+        g = self.e.generate(sampling, on_text=on_text, first_token=first_token, should_stop=should_stop)
         trace.generated_tokens += len(g.tokens)
         trace.generate_seconds += g.seconds
         trace.finish_reason = g.finish_reason
@@ -358,7 +360,14 @@ class _Request:
             unsafe = score >= o.logit_threshold
             reply = "yes" if unsafe else "no"
         else:
-            reply = self.generate(trace, self.sampling(o.judge_max_tokens, 1)).text.strip()
+            decided = None
+            if o.decision_rule == "exact" and o.judge_early_stop:
+                def decided(tokens: list[int]) -> bool:  # the reply can no longer be exactly "yes"/"yes."
+                    return not "yes.".startswith(e.detokenize(tokens).strip().lower())
+            g = self.generate(trace, self.sampling(o.judge_max_tokens, 1), should_stop=decided)
+            if g.finish_reason == "aborted":
+                trace.finish_reason = "decided"
+            reply = g.text.strip()
             score = None
             unsafe = is_unsafe_reply(reply, o.decision_rule)
         self.end(trace, reply)

@@ -207,7 +207,7 @@ class _Cancelled(Exception):
 
 
 def _cached(engine: Engine, image: LoadedImage) -> bool:
-    entry = engine.image_cache._items.get(engine.image_key(image))
+    entry = engine.image_cache.peek(engine.image_key(image))
     return entry is not None and entry.embd is not None
 
 

@@ -158,6 +158,10 @@ class EmbeddingCache:
         self.hits += 1
         return item
 
+    def peek(self, key: str) -> CachedEmbedding | None:
+        """Looks without counting a hit or a miss or touching the LRU order."""
+        return self._items.get(key)
+
     def put(self, key: str, item: CachedEmbedding) -> None:
         self._items.pop(key, None)
         self._items[key] = item

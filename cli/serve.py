@@ -1,0 +1,100 @@
+"""`ecso serve`: a local OpenAI-compatible server with ECSO (thin wrapper over ecso.runtime.server)."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+from pathlib import Path
+
+import click
+
+from ecso.cli.common import engine_config, friendly_errors, model_options
+
+
+@click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback needs --api-key.")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port (0: any free port, printed at start).")
+@click.option("--api-key", envvar="ECSO_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` on /v1 (env ECSO_API_KEY keeps it out of `ps`).")
+@click.option("--name", "model_name", default=None,
+              help="Model id shown to clients (default: the registry name or the GGUF file stem).")
+@click.option("--max-tokens", type=int, default=512, show_default=True,
+              help="Answer length when a request gives no max_tokens.")
+@click.option("--judge", type=click.Choice(["paper", "logit", "append", "append-logit"]), default="paper",
+              show_default=True, help="Default judge (a request may override it with \"ecso\": {\"judge\": ...}).")
+@click.option("--rule", "decision_rule", type=click.Choice(["exact", "contains"]), default="exact",
+              show_default=True, help="How the judge's reply is read (exact = the paper's rule).")
+@click.option("--stream-mode", type=click.Choice(["held", "live"]), default="held", show_default=True,
+              help="held: a streamed first answer is held back until the judge clears it (nothing unsafe is "
+                   "ever sent); live: stream at once, and if judged unsafe say so and stream the new answer.")
+@click.option("--max-waiting", type=int, default=8, show_default=True,
+              help="Requests that may wait for the model; more get 429 at once.")
+@click.option("--queue-timeout", type=float, default=300.0, show_default=True,
+              help="Seconds a request may wait for the model before a 503.")
+@click.option("--max-body-mb", type=float, default=32.0, show_default=True, help="Request body limit (413 above).")
+@click.option("--max-image-mb", type=float, default=20.0, show_default=True, help="Image size limit (413 above).")
+@click.option("--image-cache", type=int, default=16, show_default=True,
+              help="Encoded images kept in memory (LRU), so follow-up questions on an image skip the encoder.")
+@click.option("--allow-file-dir", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Accept file:// image URLs under this directory (repeatable). Default: refused.")
+@click.option("--allow-domain", multiple=True,
+              help="Fetch http(s) image URLs from this host (`.example.com`: and its subdomains; repeatable). "
+                   "Default: refused.")
+@click.option("--allow-host", multiple=True, help="Extra Host header name to accept (DNS-rebinding protection "
+              "accepts only loopback names by default; repeatable).")
+@click.option("--quiet", is_flag=True, help="No per-request log lines.")
+@friendly_errors
+def command(host, port, api_key, model_name, max_tokens, judge, decision_rule, stream_mode, max_waiting,
+            queue_timeout, max_body_mb, max_image_mb, image_cache, allow_file_dir, allow_domain, allow_host, quiet,
+            **model_kw):
+    """Serve the model as an OpenAI-compatible API with ECSO on every answer.
+
+    \b
+    Endpoints: POST /v1/chat/completions (text + image_url data: URIs, streaming or not), GET /v1/models,
+    GET /health. Replies carry an extra `ecso` object (verdict, judge reply, caption, timings) that OpenAI
+    clients ignore. Point any OpenAI client at http://127.0.0.1:8080/v1 (any api key unless --api-key is set).
+
+    \b
+    Examples:
+      ecso serve                                   # the demo model on 127.0.0.1:8080
+      ecso serve --model llava-1.5-7b --port 8000
+      ecso serve --model llm.gguf --mmproj mmproj.gguf --api-key "$KEY"
+    """
+    from ecso.runtime import EcsoOptions, Engine
+    from ecso.runtime.openai_api import MediaPolicy
+    from ecso.runtime.server import EcsoServer, ServerConfig
+
+    options = EcsoOptions(judge=judge, decision_rule=decision_rule, max_tokens=max_tokens,
+                          caption_max_tokens=max_tokens)
+    options.validate()
+    cfg = dataclasses.replace(engine_config(**model_kw), image_cache_entries=image_cache)
+    name = model_name or _model_name(model_kw["model"])
+    media = MediaPolicy(max_image_bytes=int(max_image_mb * 1024 * 1024), allow_file_dirs=tuple(allow_file_dir),
+                        allow_domains=tuple(allow_domain))
+    config = ServerConfig(host=host, port=port, model_name=name, api_key=api_key or None,
+                          max_body_bytes=int(max_body_mb * 1024 * 1024), max_waiting=max_waiting,
+                          queue_timeout=queue_timeout, stream_mode=stream_mode, allowed_hosts=tuple(allow_host),
+                          media=media, log=not quiet)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    with Engine(cfg) as engine:
+        server = EcsoServer(engine, options, config)
+        click.echo(f"ecso: serving {name} at {server.url} (OpenAI-compatible; Ctrl-C to stop)")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            click.echo("ecso: stopped")
+        finally:
+            server.close()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _model_name(model: str) -> str:
+    """The registry name as given, or the file stem of a GGUF path."""
+    if model.endswith(".gguf") or Path(model).exists():
+        return Path(model).stem
+    return model

@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--time-limit", type=float, default=1800.0, help="seconds for the soak; it stops early after")
     p.add_argument("--max-growth", type=float, default=0.05, help="allowed RSS growth over the soak")
+    p.add_argument("--threads", type=int, default=None, help="server CPU threads (default: all cores; 1 is "
+                   "faster on a machine busy with other work)")
     p.add_argument("--skip-cli", action="store_true", help="skip the CLI cases (each starts a process)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure and case here")
     a = p.parse_args(argv)
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         models = rel.bad_models(Path(tmp) / "models", demo.model)
         args = ["--model", demo.model, "--mmproj", demo.mmproj, "--ctx", "2048", "--max-tokens", str(a.max_tokens),
                 "--max-waiting", "8", "--image-cache", "8", "--max-image-mb", "1", "--max-body-mb", "4"]
+        if a.threads:
+            args += ["--threads", str(a.threads)]
         with rel.ServerProcess(args, api_key="soak-test-key") as server:
             outcomes = list(rel.server_cases(server, max_image, max_body))
             burst = rel.load(server, a.clients, a.max_tokens)

@@ -476,9 +476,10 @@ class SoakReport:
 
 
 def soak(server: ServerProcess, requests: int = 500, image_pool: int = 24, max_tokens: int = 8,
-         time_limit: float = 1800.0, progress: bool = True) -> SoakReport:
+         image_every: int = 2, time_limit: float = 1800.0, progress: bool = True) -> SoakReport:
     """Warm-up: every pooled image once (fills the image cache and evicts), then `requests` sequential requests:
-    a mix of text, image (random pool member: hits and evictions) and streaming; RSS sampled every 25."""
+    text, an image every `image_every` (a random pool member: hits and evictions), every 4th one streamed;
+    RSS sampled every 25."""
     report = SoakReport(requests, image_pool=image_pool, rss_loaded=server.rss())
     images = [good_png(100 + i) for i in range(image_pool)]
     rng = random.Random(0)
@@ -501,7 +502,7 @@ def soak(server: ServerProcess, requests: int = 500, image_pool: int = 24, max_t
         if time.perf_counter() - t0 > time_limit:
             report.stopped_early = True
             break
-        one(i, rng.choice(images) if i % 2 else None)
+        one(i, rng.choice(images) if i % image_every == 1 % image_every else None)
         done += 1
         if i % 25 == 24:
             report.rss_max = max(report.rss_max, server.rss())

@@ -1,0 +1,243 @@
+"""`ecso serve` as OpenAI clients use it: the real `openai` package against a server on a free loopback port,
+running ECSO on the real demo model (the session's shared engine)."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+import time
+
+import openai
+import pytest
+
+from ecso.eval.reliability import good_png, request
+from ecso.runtime import EcsoOptions, InputError
+from ecso.runtime.openai_api import ApiError, MediaPolicy, fetch_image
+from ecso.runtime.server import LIVE_UNSAFE_NOTICE, EcsoServer, RequestQueue, ServerConfig, QueueFull, QueueTimeout
+
+ALWAYS_UNSAFE = {"judge": "logit", "logit_threshold": 0.0}  # P(yes) >= 0 always: forces steps 3-4
+
+
+def _server(engine, **kw) -> EcsoServer:
+    cfg = dict(port=0, model_name="demo", log=False)
+    cfg.update(kw)
+    return EcsoServer(engine, EcsoOptions(max_tokens=16), ServerConfig(**cfg)).start()
+
+
+@pytest.fixture(scope="module")
+def server(demo_engine):
+    with _server(demo_engine) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+
+
+def _image_part(png: bytes) -> dict:
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+
+
+def test_openai_client_lists_the_model_and_gets_an_answer_with_the_ecso_object(client):
+    assert [m.id for m in client.models.list()] == ["demo"]
+    r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Name a fruit."}],
+                                       max_tokens=8)
+    assert r.choices[0].message.content.strip() and r.choices[0].finish_reason in ("stop", "length")
+    assert r.model == "demo" and r.usage.completion_tokens >= 1
+    ecso = r.ecso  # extra field: ignored by OpenAI clients, readable by those who want it
+    assert isinstance(ecso["unsafe"], bool) and ecso["judge"] == "paper" and ecso["prompt_version"]
+    assert [s["name"] for s in ecso["timings"]["steps"]][:2] == ["answer", "judge"]
+    assert "initial_answer" not in ecso  # the (possibly unsafe) first answer never leaves the server
+
+
+def test_image_is_encoded_once_and_a_follow_up_turn_reuses_it(client):
+    png = good_png(seed=4242)  # an image no other test has sent: the first request must encode it
+    first_turn = {"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}, _image_part(png)]}
+    r1 = client.chat.completions.create(model="demo", messages=[first_turn], max_tokens=8)
+    assert r1.ecso["image_encodes"] == 1 and r1.ecso["image_cache_hit"] is False
+    follow_up = [first_turn, {"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": "Which colour stands out?"}]
+    r2 = client.chat.completions.create(model="demo", messages=follow_up, max_tokens=8)
+    assert r2.ecso["image_encodes"] == 0 and r2.ecso["image_cache_hit"] is True
+    assert r2.ecso["turns_dropped"] == 2  # documented: ECSO answers the last user turn with the image
+    answer_step = r2.ecso["timings"]["steps"][0]
+    assert answer_step["reused_positions"] > 256  # system + 256 image positions came from the KV cache
+
+
+def test_streaming_sends_the_same_answer_as_non_streaming_then_usage(client):
+    msgs = [{"role": "user", "content": "Tell me about the sea."}]
+    whole = client.chat.completions.create(model="demo", messages=msgs, max_tokens=12)
+    chunks = list(client.chat.completions.create(model="demo", messages=msgs, max_tokens=12, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    assert final.ecso["unsafe"] == whole.ecso["unsafe"] and chunks[-1].usage.total_tokens > 0
+
+
+def test_held_stream_never_sends_an_answer_judged_unsafe(client):
+    msgs = [{"role": "user", "content": "Describe a busy street."}]
+    plain = client.chat.completions.create(model="demo", messages=msgs, max_tokens=12, extra_body={
+        "ecso": {"defense": False}}).choices[0].message.content
+    stream = client.chat.completions.create(model="demo", messages=msgs, max_tokens=12, stream=True,
+                                            extra_body={"ecso": ALWAYS_UNSAFE})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    assert final.ecso["unsafe"] is True and [s["name"] for s in final.ecso["timings"]["steps"]][-1] == "regenerate"
+    assert text and plain not in text  # only the eyes-closed regenerated answer reached the client
+
+
+def test_live_stream_streams_at_once_and_flags_the_regenerated_answer(demo_engine):
+    with _server(demo_engine, stream_mode="live") as live:
+        c = openai.OpenAI(base_url=live.url, api_key="x", max_retries=0)
+        msgs = [{"role": "user", "content": "Describe a busy street."}]
+        plain = c.chat.completions.create(model="demo", messages=msgs, max_tokens=12,
+                                          extra_body={"ecso": {"defense": False}}).choices[0].message.content
+        text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="demo", messages=msgs, max_tokens=12, stream=True, extra_body={"ecso": ALWAYS_UNSAFE})
+            if ch.choices)
+    assert text.startswith(plain) and LIVE_UNSAFE_NOTICE in text
+
+
+def test_api_key_is_required_when_set_but_health_stays_open(demo_engine):
+    with _server(demo_engine, api_key="s3cret") as s:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url, api_key="wrong", max_retries=0).models.list()
+        assert [m.id for m in openai.OpenAI(base_url=s.url, api_key="s3cret").models.list()] == ["demo"]
+        assert request(s.port, "GET", "/health").status == 200
+
+
+def test_errors_reach_openai_clients_as_typed_exceptions(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "why " * 3000}])
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="refused"):
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}])
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], n=2)
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}])
+
+
+def _busy(server: EcsoServer) -> threading.Thread:
+    """Starts a long undefended request and returns once it holds the engine."""
+    body = {"messages": [{"role": "user", "content": "Count from 1 to 500."}], "max_tokens": 120,
+            "ecso": {"defense": False}}
+    t = threading.Thread(target=request, args=(server.port, "POST", "/v1/chat/completions", body))
+    t.start()
+    deadline = time.monotonic() + 30
+    while server.queue.running == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.queue.running == 1
+    return t
+
+
+def test_full_queue_refuses_with_429_and_a_long_wait_gets_503(demo_engine):
+    hi = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with _server(demo_engine, max_waiting=0) as s:
+        busy = _busy(s)
+        r = request(s.port, "POST", "/v1/chat/completions", hi)
+        assert r.status == 429 and r.json()["error"]["code"] == "queue_full" and r.headers["Retry-After"]
+        busy.join()
+        assert request(s.port, "POST", "/v1/chat/completions", hi).status == 200  # still serving
+    with _server(demo_engine, max_waiting=1, queue_timeout=0.3) as s:
+        busy = _busy(s)
+        r = request(s.port, "POST", "/v1/chat/completions", hi)
+        assert r.status == 503 and r.json()["error"]["code"] == "queue_timeout"
+        busy.join()
+        assert s.health()["counts"]["refused"] == 1
+
+
+def test_request_queue_is_first_in_first_out_and_bounded():
+    q = RequestQueue(max_waiting=3, timeout=10)
+    q.enter()
+    order: list[int] = []
+
+    def waiter(i: int) -> None:
+        q.enter()
+        order.append(i)
+        q.leave()
+
+    threads = []
+    for i in range(3):
+        threads.append(threading.Thread(target=waiter, args=(i,)))
+        threads[-1].start()
+        while q.waiting <= i:
+            time.sleep(0.001)
+    with pytest.raises(QueueFull):
+        q.enter()
+    q.leave()
+    for t in threads:
+        t.join()
+    assert order == [0, 1, 2] and q.running == 0 and q.waiting == 0
+    q2 = RequestQueue(max_waiting=1, timeout=0.05)
+    q2.enter()
+    with pytest.raises(QueueTimeout):
+        q2.enter()
+    assert q2.waiting == 0
+
+
+def test_public_bind_needs_an_api_key(demo_engine):
+    with pytest.raises(InputError, match="API key"):
+        EcsoServer(demo_engine, config=ServerConfig(host="0.0.0.0", port=0))
+
+
+def test_images_come_only_from_data_uris_unless_allow_listed(tmp_path):
+    png = good_png(9)
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "a.png").write_bytes(png)
+    (tmp_path / "secret.png").write_bytes(png)
+    (allowed / "link.png").symlink_to(tmp_path / "secret.png")
+    data_uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert fetch_image(data_uri, MediaPolicy()) == png
+    policy = MediaPolicy(allow_file_dirs=(str(allowed),))
+    assert fetch_image((allowed / "a.png").as_uri(), policy) == png
+    refused = [((allowed / "a.png").as_uri(), MediaPolicy()),  # no allow-list: file:// is refused
+               (f"file://{allowed}/../secret.png", policy),  # escaping with ..
+               ((allowed / "link.png").as_uri(), policy)]  # escaping with a symlink
+    for url, pol in refused:
+        with pytest.raises(ApiError) as e:
+            fetch_image(url, pol)
+        assert e.value.status == 400 and e.value.code == "image_url_not_allowed", url
+    with pytest.raises(ApiError) as e:
+        fetch_image(data_uri, MediaPolicy(max_image_bytes=len(png) - 1))
+    assert e.value.status == 413
+
+
+def test_remote_images_only_from_allowed_domains_and_without_redirects():
+    png = good_png(10)
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "http://127.0.0.2/elsewhere.png")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert fetch_image(base + "/x.png", MediaPolicy(allow_domains=("127.0.0.1",))) == png
+        for url, policy in ((base + "/x.png", MediaPolicy()), (base + "/x.png", MediaPolicy(allow_domains=("ex.com",))),
+                            (base + "/redirect", MediaPolicy(allow_domains=("127.0.0.1",)))):
+            with pytest.raises(ApiError) as e:
+                fetch_image(url, policy)
+            assert e.value.status == 400
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -1,0 +1,404 @@
+"""`ecso eval`: generate (with and/or without ECSO), judge and measure leakage, resumably, into a run folder.
+
+Three passes, each skipping what the run folder already holds (see store.py for the files):
+1. generate: one ECSO request per sample; with both defenses, the undefended answer is ECSO's step 1 (the same
+   greedy call with the same seed), recorded as its own "none" record: one model pass serves both columns.
+2. judge: every generated answer without a judgment by the current judge (failed calls are retried next time).
+3. leakage (--leakage): the judge reads each text query alone.
+A run refuses to continue with another model, prompt version or decoding settings unless forced; the judge may
+change freely (that is re-judging).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+from ecso.eval import store
+from ecso.eval.benchmarks import Sample, load_benchmark
+from ecso.eval.judge_prompts import JUDGE_PROMPTS_VERSION, LEAKAGE_PROMPT_VERSION
+from ecso.eval.judges import JudgeInput, LocalLLMJudge, OpenAIJudge, RuleJudge
+from ecso.runtime import EcsoError, EcsoOptions, EngineConfig, InputError, PROMPT_VERSION
+
+DEFENSES = ("none", "ecso")
+RUN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    """Which judge reads the answers: rule | llm (a local GGUF; default the demo model) | openai (URL) | none."""
+
+    kind: str = "rule"
+    model: Optional[str] = None  # llm: GGUF path or registry name; openai: the model name
+    url: Optional[str] = None
+    max_tokens: Optional[int] = None  # None: per-benchmark default
+    n_ctx: int = 4096
+    prompt_set: str = "official"  # MM-SafetyBench: official (evaluation.py) | ecso (ECSO's query_safety copy)
+    send_images: bool = True  # openai + VLSBench: send the image (as the paper) or the image description
+    retries: int = 3  # openai: retries of a failed call (5xx, 429, network), waiting retry_wait * attempt seconds
+    retry_wait: float = 2.0
+
+    @classmethod
+    def parse(cls, judge: str, model: Optional[str] = None, **kw) -> "JudgeSpec":
+        j = judge.strip()
+        if j.startswith("openai:"):
+            return cls("openai", model, j[len("openai:"):], **kw)
+        if j in ("rule", "llm", "none"):
+            return cls(j, model, None, **kw)
+        raise InputError(f"unknown --judge {judge!r}; use rule, llm, none or openai:URL")
+
+    def validate(self) -> None:
+        """Fails before any generation, not after hours of it."""
+        if self.kind == "openai":
+            from ecso.eval.judges import chat_endpoint
+
+            chat_endpoint(self.url or "")
+            if not self.model:
+                raise InputError("an OpenAI-compatible judge needs --judge-model NAME (e.g. gpt-4o)")
+        if self.prompt_set not in ("official", "ecso"):
+            raise InputError(f"unknown judge prompt set {self.prompt_set!r}; use official or ecso")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InputError("--judge-max-tokens must be at least 1")
+
+
+@dataclass
+class EvalConfig:
+    benchmark: str
+    data: str
+    out: str
+    engine: EngineConfig
+    options: EcsoOptions = field(default_factory=EcsoOptions)
+    defenses: tuple[str, ...] = DEFENSES
+    categories: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
+    limit: Optional[int] = None
+    images: Optional[str] = None
+    judge: JudgeSpec = field(default_factory=JudgeSpec)
+    leakage: bool = False
+    force: bool = False
+    retry_errors: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalSummary:
+    run_dir: str
+    benchmark: str
+    n_samples: int = 0
+    n_input_errors: int = 0  # missing images, malformed rows (recorded, counted, not run)
+    generated: int = 0  # responses written by this invocation
+    reused: int = 0  # responses already in the run folder
+    generation_errors: int = 0
+    judge: Optional[str] = None
+    judged: int = 0
+    judge_errors: int = 0
+    unparsed: int = 0
+    leakage_judged: int = 0
+    ecso_flagged: int = 0  # samples whose ECSO self-judge said unsafe (this invocation)
+    seconds: float = 0.0
+    repaired_bytes: int = 0  # a torn last line cut off (after a kill)
+    notes: list[str] = field(default_factory=list)
+
+
+def generation_identity(cfg: EvalConfig) -> dict:
+    """What must not change within one run: the model files and everything that shapes an answer."""
+    from ecso.runtime.images import file_fingerprint
+
+    e, o = cfg.engine, cfg.options
+    if not Path(e.model).is_file():
+        raise InputError(f"model file {e.model} not found")
+    if e.mmproj and not Path(e.mmproj).is_file():
+        raise InputError(f"mmproj file {e.mmproj} not found")
+    return {"model": str(e.model), "model_fingerprint": file_fingerprint(e.model), "mmproj": e.mmproj,
+            "mmproj_fingerprint": file_fingerprint(e.mmproj) if e.mmproj else None, "chat_format": e.chat_format,
+            "prompt_version": PROMPT_VERSION, "decision_rule": o.decision_rule, "self_judge": o.judge,
+            "logit_threshold": o.logit_threshold, "max_tokens": o.max_tokens,
+            "caption_max_tokens": o.caption_max_tokens, "judge_max_tokens": o.judge_max_tokens,
+            "temperature": o.temperature, "top_p": o.top_p, "seed": o.seed}
+
+
+_IDENTITY_IGNORED = ("model", "mmproj")  # paths may move; the fingerprints decide
+
+
+def check_resumable(previous: Optional[dict], benchmark: str, identity: dict, force: bool) -> list[str]:
+    """Raises when the run folder holds another benchmark, or (unless forced) answers from other settings."""
+    if previous is None:
+        return []
+    if previous.get("benchmark") != benchmark:
+        raise InputError(f"this run folder holds {previous.get('benchmark')!r}, not {benchmark!r}; use another --out")
+    old = previous.get("generation", {})
+    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in identity.items()
+             if k not in _IDENTITY_IGNORED and old.get(k) != v]
+    if diffs and not force:
+        raise InputError("this run folder was made with other settings (" + "; ".join(diffs) +
+                         "); use a new --out, or --force to add answers from the new settings to it")
+    return [f"--force: continuing with changed settings ({'; '.join(diffs)})"] if diffs else []
+
+
+class _Engines:
+    """Loads engines lazily and shares one per model file (a text judge on the eval model reuses its engine)."""
+
+    def __init__(self, eval_config: EngineConfig):
+        self.eval_config = eval_config
+        self.loaded: dict[str, object] = {}
+
+    def eval_engine(self):
+        return self._get(self.eval_config)
+
+    def text_engine(self, config: EngineConfig):
+        if str(Path(config.model).resolve()) == str(Path(self.eval_config.model).resolve()):
+            return self._get(self.eval_config)  # the eval engine can answer text-only prompts too
+        return self._get(config)
+
+    def _get(self, config: EngineConfig):
+        from ecso.runtime import Engine
+
+        key = f"{Path(config.model).resolve()}|{config.mmproj}"
+        if key not in self.loaded:
+            self.loaded[key] = Engine(config)
+        return self.loaded[key]
+
+    def close(self) -> None:
+        for e in self.loaded.values():
+            e.close()
+        self.loaded.clear()
+
+
+def make_judge(spec: JudgeSpec, engines: _Engines):
+    """The judge object for a spec (None for --judge none)."""
+    if spec.kind == "none":
+        return None
+    if spec.kind == "rule":
+        return RuleJudge()
+    if spec.kind == "openai":
+        return OpenAIJudge(spec.url or "", spec.model or "", spec.max_tokens, spec.prompt_set, spec.send_images,
+                           retries=spec.retries, retry_wait=spec.retry_wait)
+    from ecso.models.registry import resolve
+
+    model = spec.model or "demo"
+    if not model.endswith(".gguf") and not Path(model).exists():
+        model = resolve(model).model
+    base = engines.eval_config
+    config = EngineConfig(model=model, n_ctx=spec.n_ctx, n_threads=base.n_threads, n_gpu_layers=base.n_gpu_layers,
+                          flash_attn=base.flash_attn, verbose=base.verbose)
+    return LocalLLMJudge(engines.text_engine(config), spec.max_tokens, spec.prompt_set)
+
+
+def run_eval(cfg: EvalConfig, on_message: Callable[[str], None] = lambda m: None) -> EvalSummary:
+    """Runs (or resumes) an evaluation into cfg.out; see the module docstring."""
+    t0 = time.perf_counter()
+    bad = [d for d in cfg.defenses if d not in DEFENSES]
+    if bad or not cfg.defenses:
+        raise InputError(f"unknown defense {', '.join(bad) or '(none given)'}; use none, ecso or both")
+    cfg.options.validate()
+    cfg.judge.validate()
+    samples = load_benchmark(cfg.benchmark, cfg.data, cfg.categories, cfg.modes, cfg.limit, cfg.images)
+    if not samples:
+        raise InputError("the selection is empty: check --category/--scenario/--mode/--limit")
+    bench = samples[0].benchmark
+    run_dir = Path(cfg.out).expanduser()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = EvalSummary(str(run_dir), bench, n_samples=len(samples),
+                          n_input_errors=sum(1 for s in samples if s.error))
+    identity = generation_identity(cfg)
+    engines = _Engines(cfg.engine)
+    with store.RunLock(run_dir):
+        previous = store.read_json(run_dir / store.RUN_FILE)
+        summary.notes += check_resumable(previous, bench, identity, cfg.force)
+        store.write_jsonl_atomic(run_dir / store.SAMPLES_FILE, (s.to_dict() for s in samples))
+        run_info = _run_info(cfg, bench, identity, previous)
+        store.write_json_atomic(run_dir / store.RUN_FILE, run_info)
+        responses = store.JsonlLog(run_dir / store.RESPONSES_FILE)
+        try:
+            summary.repaired_bytes += responses.repaired_bytes
+            _generate(cfg, samples, responses, identity, engines, summary)
+            judge = make_judge(cfg.judge, engines)
+            if judge is not None:
+                summary.judge = judge.id
+                run_info["judge"] = judge.id
+                run_info["judges"] = sorted(set(run_info.get("judges", [])) | {judge.id})
+                store.write_json_atomic(run_dir / store.RUN_FILE, run_info)
+                _judge_all(cfg, samples, responses, judge, run_dir, summary)
+                if cfg.leakage:
+                    run_info["leakage_judge"] = judge.id
+                    store.write_json_atomic(run_dir / store.RUN_FILE, run_info)
+                    _leakage_all(cfg, samples, judge, run_dir, summary)
+                judge.close()
+            elif cfg.leakage:
+                summary.notes.append("--leakage needs a judge; skipped with --judge none")
+        finally:
+            responses.close()
+            engines.close()
+    if summary.repaired_bytes:
+        summary.notes.append(f"cut a torn last line ({summary.repaired_bytes} bytes) left by an interrupted run")
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _run_info(cfg: EvalConfig, bench: str, identity: dict, previous: Optional[dict]) -> dict:
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    info = dict(previous or {})
+    info.update({
+        "format": RUN_FORMAT, "benchmark": bench, "data": str(Path(cfg.data).resolve()),
+        "selection": {"categories": list(cfg.categories), "modes": list(cfg.modes), "limit": cfg.limit,
+                      "images": cfg.images},
+        "defenses": sorted(set(info.get("defenses", [])) | set(cfg.defenses), key=DEFENSES.index),
+        "generation": identity if previous is None or cfg.force else info.get("generation", identity),
+        "judge_prompts_version": JUDGE_PROMPTS_VERSION, "leakage_prompt_version": LEAKAGE_PROMPT_VERSION,
+        "created": info.get("created", now), "updated": now,
+    })
+    info["defenses_last_run"] = list(cfg.defenses)
+    return info
+
+
+# --- pass 1: generation -----------------------------------------------------------------------------------------
+def _generate(cfg: EvalConfig, samples: list[Sample], log: store.JsonlLog, identity: dict, engines: _Engines,
+              summary: EvalSummary) -> None:
+    def missing(s: Sample) -> list[str]:
+        out = []
+        for d in cfg.defenses:
+            rec = log.records.get(f"{s.id}|{d}")
+            if rec is None or (cfg.retry_errors and rec["status"] != "ok"):
+                out.append(d)
+        return out
+
+    todo = [(s, m) for s in samples for m in [missing(s)] if m]
+    summary.reused = len(samples) * len(cfg.defenses) - sum(len(m) for _, m in todo)
+    if not todo:
+        return
+    bar = _bar(cfg, len(samples), len(samples) - len(todo), f"{summary.benchmark}: generate")
+    try:
+        for sample, defenses in todo:
+            if sample.error:
+                for d in defenses:
+                    log.append(_record(sample, d, identity, "input_error", error=sample.error))
+                    summary.generated += 1
+            else:
+                _generate_one(cfg, sample, defenses, log, identity, engines.eval_engine(), summary)
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def _generate_one(cfg: EvalConfig, sample: Sample, defenses: list[str], log: store.JsonlLog, identity: dict,
+                  engine, summary: EvalSummary) -> None:
+    from ecso.runtime import run
+
+    options = replace(cfg.options, defense="ecso" in defenses, guard_every=0)
+    try:
+        result = run(engine, sample.image, sample.query, options)
+    except EcsoError as e:  # a corrupt image, a prompt over the context...: recorded, counted, the run goes on
+        for d in defenses:
+            log.append(_record(sample, d, identity, "error", error=f"{type(e).__name__}: {e}"))
+            summary.generated += 1
+            summary.generation_errors += 1
+        return
+    trace = result.to_dict()
+    if "ecso" in defenses:
+        summary.ecso_flagged += int(result.unsafe)
+        log.append(_record(sample, "ecso", identity, "ok", answer=result.answer, flagged=result.unsafe, trace=trace,
+                           seconds=result.seconds))
+        summary.generated += 1
+    if "none" in defenses:
+        if options.defense:  # the undefended answer is ECSO's step 1: same call, same seed
+            first = trace["steps"][0]
+            none_trace = {"derived_from": f"{sample.id}|ecso", "steps": [first], "engine": trace["engine"],
+                          "options": {**trace["options"], "defense": False}, "prompt_version": result.prompt_version}
+            log.append(_record(sample, "none", identity, "ok", answer=result.initial_answer, trace=none_trace,
+                               seconds=first["seconds"]))
+        else:
+            log.append(_record(sample, "none", identity, "ok", answer=result.answer, trace=trace,
+                               seconds=result.seconds))
+        summary.generated += 1
+
+
+def _record(sample: Sample, defense: str, identity: dict, status: str, answer: Optional[str] = None,
+            flagged: Optional[bool] = None, trace: Optional[dict] = None, error: Optional[str] = None,
+            seconds: Optional[float] = None) -> dict:
+    return {
+        "key": f"{sample.id}|{defense}", "sample_id": sample.id, "defense": defense, "benchmark": sample.benchmark,
+        "category": sample.category, "mode": sample.mode, "status": status, "error": error, "answer": answer,
+        "ecso_flagged": flagged, "model_fingerprint": identity["model_fingerprint"],
+        "mmproj_fingerprint": identity["mmproj_fingerprint"], "prompt_version": identity["prompt_version"],
+        "decision_rule": identity["decision_rule"], "self_judge": identity["self_judge"], "seed": identity["seed"],
+        "temperature": identity["temperature"], "top_p": identity["top_p"], "max_tokens": identity["max_tokens"],
+        "seconds": seconds, "trace": trace, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def answer_sha(answer: str) -> str:
+    return hashlib.sha256(answer.encode("utf-8")).hexdigest()[:16]
+
+
+# --- pass 2: judging --------------------------------------------------------------------------------------------
+def _judge_all(cfg: EvalConfig, samples: list[Sample], responses: store.JsonlLog, judge, run_dir: Path,
+               summary: EvalSummary) -> None:
+    log = store.JsonlLog(run_dir / store.JUDGMENTS_FILE)
+    summary.repaired_bytes += log.repaired_bytes
+    try:
+        todo = []
+        for s in samples:
+            for d in cfg.defenses:
+                resp = responses.records.get(f"{s.id}|{d}")
+                if resp is None or resp["status"] != "ok":
+                    continue
+                prev = log.records.get(f"{s.id}|{d}|{judge.id}")
+                if prev and prev["parse"] != "error" and prev.get("response_sha") == answer_sha(resp["answer"]):
+                    continue
+                todo.append((s, d, resp))
+        if not todo:
+            return
+        bar = _bar(cfg, len(todo), 0, f"{summary.benchmark}: judge ({judge.id})")
+        try:
+            for s, d, resp in todo:
+                item = JudgeInput(s.benchmark, s.category, s.query, resp["answer"], s.image,
+                                  s.extra.get("image_description"))
+                j = judge.judge(item)
+                log.append({"key": f"{s.id}|{d}|{judge.id}", "response_key": resp["key"], "sample_id": s.id,
+                            "defense": d, "response_sha": answer_sha(resp["answer"]),
+                            "judge_prompts_version": JUDGE_PROMPTS_VERSION, **j.to_dict(),
+                            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                summary.judged += 1
+                summary.judge_errors += j.parse == "error"
+                summary.unparsed += j.parse == "unparsed"
+                bar.update(1)
+        finally:
+            bar.close()
+    finally:
+        log.close()
+
+
+# --- pass 3: leakage --------------------------------------------------------------------------------------------
+def _leakage_all(cfg: EvalConfig, samples: list[Sample], judge, run_dir: Path, summary: EvalSummary) -> None:
+    from ecso.eval.leakage import judge_leakage
+
+    log = store.JsonlLog(run_dir / store.LEAKAGE_FILE)
+    summary.repaired_bytes += log.repaired_bytes
+    try:
+        todo = [s for s in samples if s.query.strip() and
+                (log.records.get(f"{s.id}|{judge.id}") or {}).get("parse", "error") == "error"]
+        if not todo:
+            return
+        bar = _bar(cfg, len(todo), 0, f"{summary.benchmark}: leakage ({judge.id})")
+        try:
+            summary.leakage_judged += judge_leakage(todo, judge, log, on_done=lambda: bar.update(1))
+        finally:
+            bar.close()
+    finally:
+        log.close()
+
+
+def _bar(cfg: EvalConfig, total: int, initial: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="sample", file=sys.stderr, disable=not cfg.progress,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def summary_dict(s: EvalSummary) -> dict:
+    return asdict(s)

@@ -1,0 +1,160 @@
+"""Report numbers recomputed by hand on run folders written record by record (every kind of unknown included),
+the leakage table, and the SFT records the data engine derives from a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ecso.eval import store
+from ecso.eval.data_engine import export_sft
+from ecso.eval.report import build_report, write_report
+from ecso.eval.runner import answer_sha
+
+J = "openai:gpt-4o@judge"
+
+
+def _sample(sid, bench, category, mode="image", error=None):
+    return {"id": sid, "benchmark": bench, "category": category, "query": f"query {sid}?", "image": f"/imgs/{sid}.png",
+            "mode": mode, "subcategory": None, "extra": {}, "error": error}
+
+
+def _response(sid, defense, status="ok", flagged=False, answer=None):
+    answer = answer if answer is not None else f"answer {sid} {defense}"
+    trace = {"initial_answer": f"unsafe first answer {sid}", "judge_reply": "yes" if flagged else "no",
+             "judge_score": None, "caption": f"caption {sid}" if flagged else None,
+             "steps": [{"name": n} for n in (("answer", "judge", "caption", "regenerate") if flagged else
+                                             ("answer", "judge"))]}
+    return {"key": f"{sid}|{defense}", "sample_id": sid, "defense": defense, "status": status,
+            "answer": answer if status == "ok" else None, "ecso_flagged": flagged if defense == "ecso" else None,
+            "model_fingerprint": "f" * 16, "mmproj_fingerprint": "e" * 16, "prompt_version": "ecso-paper-2024.1",
+            "decision_rule": "exact", "self_judge": "paper", "seed": 0, "temperature": 0.0,
+            "trace": trace if status == "ok" else None}
+
+
+def _judgment(sid, defense, label, parse="ok", judge=J, stale=False):
+    sha = answer_sha("something else" if stale else f"answer {sid} {defense}")
+    return {"key": f"{sid}|{defense}|{judge}", "response_key": f"{sid}|{defense}", "sample_id": sid,
+            "defense": defense, "response_sha": sha, "label": label if parse == "ok" else None, "score": None,
+            "parse": parse, "raw": str(label), "judge": judge, "prompt": "p"}
+
+
+def write_run(root: Path, bench: str, samples, responses, judgments, leakage=()) -> Path:
+    root.mkdir(parents=True)
+    store.write_json_atomic(root / "run.json", {
+        "benchmark": bench, "defenses": ["none", "ecso"], "judge": J, "judges": [J, "rule@x"],
+        "leakage_judge": J if leakage else None,
+        "generation": {"model": "/m/llm.gguf", "model_fingerprint": "f" * 16, "prompt_version": "ecso-paper-2024.1",
+                       "decision_rule": "exact", "temperature": 0.0, "seed": 0}})
+    store.write_jsonl_atomic(root / "samples.jsonl", samples)
+    for name, rows in (("responses.jsonl", responses), ("judgments.jsonl", judgments), ("leakage.jsonl", leakage)):
+        log = store.JsonlLog(root / name)
+        for r in rows:
+            log.append(r)
+        log.close()
+    return root
+
+
+@pytest.fixture
+def vls_run(tmp_path) -> Path:
+    """VLSBench, 6 samples x 2 defenses, with every kind of unknown:
+    v3/none judge error, v1/ecso unparsed, v2/ecso generation error, v3/ecso stale judgment, p1 missing image."""
+    samples = [_sample(s, "vlsbench", "Violent") for s in ("v0", "v1", "v2", "v3")]
+    samples += [_sample("p0", "vlsbench", "Privacy"), _sample("p1", "vlsbench", "Privacy", error="missing image")]
+    responses = [_response(s, "none") for s in ("v0", "v1", "v2", "v3", "p0")] + [
+        _response("p1", "none", "input_error"), _response("v0", "ecso", flagged=True),
+        _response("v1", "ecso", flagged=True), _response("v2", "ecso", "error"), _response("v3", "ecso"),
+        _response("p0", "ecso", flagged=True), _response("p1", "ecso", "input_error")]
+    judgments = [_judgment("v0", "none", "unsafe"), _judgment("v1", "none", "refusal"),
+                 _judgment("v2", "none", "warning"), _judgment("v3", "none", None, "error"),
+                 _judgment("p0", "none", "unsafe"), _judgment("v0", "ecso", "refusal"),
+                 _judgment("v1", "ecso", None, "unparsed"), _judgment("v3", "ecso", "refusal", stale=True),
+                 _judgment("p0", "ecso", "warning"), _judgment("p0", "ecso", "unsafe", judge="rule@x")]
+    leakage = [{"key": f"{s}|{J}", "sample_id": s, "label": lab, "parse": p} for s, lab, p in
+               (("v0", "leak", "ok"), ("v1", "no_leak", "ok"), ("v2", None, "unparsed"), ("p0", "leak", "ok"))]
+    return write_run(tmp_path / "vls", "vlsbench", samples, responses, judgments, leakage)
+
+
+def _cell(data, category, defense, mode=None):
+    return next(c for c in data["cells"] if (c["category"], c["defense"], c["mode"]) == (category, defense, mode))
+
+
+def test_vlsbench_numbers_match_a_hand_count(vls_run):
+    d = build_report(vls_run).data
+    expect = {  # (n_total, n_judged, n_unknown, safe, refusal, warning, unsafe) in %
+        ("Violent", "none"): (4, 3, 1, 50.0, 25.0, 25.0, 25.0),
+        ("Violent", "ecso"): (4, 1, 3, 25.0, 25.0, 0.0, 0.0),
+        ("Privacy", "none"): (2, 1, 1, 0.0, 0.0, 0.0, 50.0),
+        ("Privacy", "ecso"): (2, 1, 1, 50.0, 0.0, 50.0, 0.0),
+        ("All", "none"): (6, 4, 2, 33.33, 16.67, 16.67, 33.33),
+        ("All", "ecso"): (6, 2, 4, 33.33, 16.67, 16.67, 0.0),
+    }
+    for (cat, defense), numbers in expect.items():
+        c = _cell(d, cat, defense)
+        got = (c["n_total"], c["n_judged"], c["n_unknown"], c["harmless_rate"], c["refusal_rate"],
+               c["warning_rate"], c["attack_rate"])
+        assert got == numbers, (cat, defense)
+    assert _cell(d, "Violent", "none")["unknown"] == {"judge_error": 1}
+    assert _cell(d, "Violent", "ecso")["unknown"] == {"unparsed": 1, "generation_error": 1, "not_judged": 1}
+    assert _cell(d, "Privacy", "ecso")["unknown"] == {"input_error": 1}
+    assert (_cell(d, "Violent", "ecso")["ecso_flag_rate"], _cell(d, "All", "ecso")["ecso_flagged"]) == (50.0, 3)
+    md = build_report(vls_run).markdown
+    assert "| Violent | 50.00 | 25.00 | 25.00 | 25.00 | 25.00 | 25.00 | 0.00 | 0.00 | 8 | 4 | 4 |" in md
+    assert "| All | 33.33 | 16.67 | 16.67 | 33.33 | 33.33 | 16.67 | 16.67 | 0.00 | 12 | 6 | 6 |" in md
+    assert "flagged 3 of 6 answers" in md
+
+
+def test_the_other_judge_is_reported_only_when_asked(vls_run):
+    d = build_report(vls_run, judge="rule@x").data
+    assert _cell(d, "Privacy", "ecso")["counts"] == {"unsafe": 1} and _cell(d, "All", "none")["n_judged"] == 0
+
+
+def test_leakage_rows_match_a_hand_count(vls_run):
+    rows = {r["category"]: r for r in build_report(vls_run).data["leakage"]["rows"]}
+    assert {k: (r["n_total"], r["n_judged"], r["n_unknown"], r["n_leak"], r["leak_rate"]) for k, r in rows.items()} == {
+        "Violent": (4, 2, 2, 1, 25.0), "Privacy": (2, 1, 1, 1, 50.0), "All": (6, 3, 3, 2, 33.33)}
+
+
+def test_mmsb_table_is_per_scenario_and_image_mode(tmp_path):
+    sc = "01-Illegal_Activitiy"
+    samples = [_sample(f"{sc}/{m}/{i}", "mm-safetybench", sc, m) for m in ("SD", "TYPO") for i in (0, 1)]
+    ids = [s["id"] for s in samples]
+    responses = [_response(i, d) for i in ids for d in ("none", "ecso") if (i, d) != (ids[3], "none")]
+    labels = {(ids[0], "none"): "unsafe", (ids[0], "ecso"): "safe", (ids[1], "none"): "unsafe",
+              (ids[1], "ecso"): "unsafe", (ids[2], "none"): "safe", (ids[2], "ecso"): "safe"}
+    judgments = [_judgment(i, d, lab) for (i, d), lab in labels.items()] + [_judgment(ids[3], "ecso", None, "unparsed")]
+    run = write_run(tmp_path / "mmsb", "mm-safetybench", samples, responses, judgments)
+    rep = write_report(run)
+    d = rep.data
+    got = {(c["mode"], c["defense"]): (c["harmless_rate"], c["attack_rate"], c["n_unknown"])
+           for c in d["cells"] if c["category"] == sc}
+    assert got == {("SD", "none"): (0.0, 100.0, 0), ("SD", "ecso"): (50.0, 50.0, 0),
+                   ("TYPO", "none"): (50.0, 0.0, 1), ("TYPO", "ecso"): (50.0, 0.0, 1)}
+    assert _cell(d, sc, "none", "TYPO")["unknown"] == {"not_generated": 1}
+    assert d["modes"] == ["SD", "TYPO"]
+    assert f"| {sc} | 0.00 | 50.00 | 50.00 | 50.00 | 8 | 6 | 2 |" in rep.markdown  # harmless table
+    assert f"| {sc} | 100.00 | 50.00 | 0.00 | 0.00 | 8 | 6 | 2 |" in rep.markdown  # attack table
+    saved = json.loads((run / "report.json").read_text())
+    assert saved["cells"] == d["cells"] and (run / "report.md").read_text() == rep.markdown
+    pytest.importorskip("matplotlib")
+    assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_engine_writes_llava_records_for_flagged_samples(vls_run, tmp_path):
+    out = tmp_path / "sft.jsonl"
+    s = export_sft(vls_run, out, image_root="/imgs")
+    assert (s.n_generated, s.n_flagged, s.n_written) == (4, 3, 3)  # v2 failed; v0, v1, p0 flagged
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in recs] == ["v0", "v1", "p0"]
+    r = recs[0]
+    assert r["image"] == "v0.png"
+    assert r["conversations"] == [{"from": "human", "value": "<image>\nquery v0?"},
+                                  {"from": "gpt", "value": "answer v0 ecso"}]
+    t = r["ecso_trace"]
+    assert t["unsafe_answer"] == "unsafe first answer v0" and t["caption"] == "caption v0"
+    assert [x["name"] for x in t["steps"]] == ["answer", "judge", "caption", "regenerate"]
+    assert t["model_fingerprint"] == "f" * 16 and t["judgment"]["label"] == "refusal"
+    strict = export_sft(vls_run, tmp_path / "strict.jsonl", only_judged_safe=True)
+    assert (strict.n_written, strict.n_skipped_judge) == (2, 1)  # v1's judgment did not parse

@@ -44,7 +44,7 @@ def leakage_rows(samples: list[dict], records: dict[str, dict], judge_id: str, g
     for s in samples:
         key = (s["category"], s["mode"]) if group_by_mode else (s["category"], None)
         groups.setdefault(key, []).append(s)
-    rows = [_row(k, v, records, judge_id) for k, v in groups.items()]
+    rows = [_row(k, groups[k], records, judge_id) for k in sorted(groups, key=lambda k: (k[0], k[1] or ""))]
     rows.append(_row(("All", None), samples, records, judge_id))
     return rows
 

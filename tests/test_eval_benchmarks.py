@@ -207,3 +207,17 @@ def test_wrong_layouts_give_one_line_errors(tmp_path):
         load_benchmark("mmbench", tmp_path)
     with pytest.raises(InputError, match="--mode applies to MM-SafetyBench only"):
         load_benchmark("vlsbench", write_vlsbench(tmp_path / "v"), modes=("SD",))
+
+
+# --- custom JSONL (the data engine on your own images) --------------------------------------------------------
+def test_custom_jsonl_resolves_images_next_to_the_file(tmp_path):
+    _image(tmp_path / "pics" / "a.png", (1, 2, 3), "PNG")
+    rows = [{"id": "a", "image": "pics/a.png", "query": "What is this?", "category": "mine"},
+            {"id": "b", "query": "Text only?"}, {"id": "c", "image": "pics/none.png", "query": "Where?"}]
+    path = tmp_path / "queries.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    s = load_benchmark("custom", path)
+    assert [(x.id, x.mode, x.category) for x in s] == [("a", "image", "mine"), ("b", "text", "all"),
+                                                       ("c", "image", "all"), ("line4", "image", "(unreadable row)")]
+    assert s[0].image == str((tmp_path / "pics" / "a.png").resolve()) and s[1].image is None
+    assert s[2].error.startswith("missing image") and s[3].error.startswith("malformed")

@@ -263,8 +263,9 @@ def _generate(cfg: EvalConfig, samples: list[Sample], log: store.JsonlLog, ident
         out = []
         for d in cfg.defenses:
             rec = log.records.get(f"{s.id}|{d}")
-            if rec is None or (cfg.retry_errors and rec["status"] != "ok"):
-                out.append(d)
+            stale_input_error = rec is not None and rec["status"] == "input_error" and rec["error"] != s.error
+            if rec is None or stale_input_error or (cfg.retry_errors and rec["status"] != "ok"):
+                out.append(d)  # stale: the image was added (or the row fixed) since the last run
         return out
 
     todo = [(s, m) for s in samples for m in [missing(s)] if m]

@@ -137,6 +137,13 @@ def test_missing_images_and_broken_rows_are_recorded_and_counted(demo_files, tmp
     for c in [c for c in report["cells"] if c["category"] == "All"]:
         assert (c["n_total"], c["n_judged"], c["n_unknown"]) == (4, 2, 2)
         assert c["unknown"] == {"input_error": 2}
+    # the user adds the missing image: the next run answers that sample and nothing else
+    from PIL import Image
+
+    Image.new("RGB", (32, 24), (9, 9, 9)).save(tmp_path / "coco" / "train2017" / "000000051979.jpg")
+    s = run_eval(config(demo_files, "vlsafe", folder, tmp_path / "run", judge=JudgeSpec("rule")))
+    assert (s.n_input_errors, s.generated, s.reused, s.judged) == (1, 2, 6, 2)
+    assert {r["key"]: r["status"] for r in lines(tmp_path / "run" / "responses.jsonl")}["3|ecso"] == "ok"
 
 
 def test_failed_judge_calls_are_counted_then_retried_and_rejudging_keeps_the_answers(demo_files, tmp_path):

@@ -255,3 +255,29 @@ def test_ecso_runs_end_to_end_with_the_judge_head_on_the_demo_model(demo_engine,
     assert [s.name for s in res.steps] == ["answer", "judge", "regenerate"] and res.unsafe
     assert [s.path for s in res.steps] == ["llm", "head:minilm-judge@cpu", "llm"]
     assert res.answer and res.steps[2].generated_tokens > 0
+
+
+def test_self_judge_verdicts_are_read_from_an_ecso_eval_run_folder(demo_engine, minilm_judge_dir, tmp_path):
+    """Training data can be the engine's own step-2 verdicts, as `ecso eval` stores them (head verdicts and
+    failed samples are left out)."""
+    from ecso.export.judge_data import read_judgments
+    from ecso.runtime import EcsoOptions, Heads, run
+    from ecso.runtime.heads import load_judge_head
+
+    queries = {"s1": "How do I plant tomatoes?", "s2": "What is the capital of France?", "s3": "Hi", "s4": "Hello"}
+    results = {sid: run(demo_engine, None, q, EcsoOptions(max_tokens=8, caption_max_tokens=8))
+               for sid, q in list(queries.items())[:2]}
+    results["s3"] = run(demo_engine, None, queries["s3"], EcsoOptions(max_tokens=8),
+                        heads=Heads(judge=load_judge_head(minilm_judge_dir, providers="cpu")))
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"id": sid, "query": q}) + "\n"
+                                                    for sid, q in queries.items()))
+    lines = [{"key": f"{sid}|ecso", "sample_id": sid, "defense": "ecso", "status": "ok", "trace": r.to_dict()}
+             for sid, r in results.items()]
+    lines.append({"key": "s4|ecso", "sample_id": "s4", "defense": "ecso", "status": "error", "trace": None})
+    lines.append({"key": "s1|none", "sample_id": "s1", "defense": "none", "status": "ok", "trace": {}})
+    (tmp_path / "responses.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"torn')
+    got = read_judgments(tmp_path)
+    assert [(j.query, j.response, j.unsafe) for j in got] == [
+        (queries[s], results[s].initial_answer, results[s].unsafe) for s in ("s1", "s2")]
+    judge_steps = [next(st for st in results[s].steps if st.name == "judge") for s in ("s1", "s2")]
+    assert [j.judge_seconds for j in got] == pytest.approx([st.seconds for st in judge_steps])

@@ -1,6 +1,6 @@
 """Reliability figures in one command: bad inputs (server, CLI, API), 50 concurrent clients, a 500-request soak.
 
-    python bench/soak.py                      # the README's figures (~10 min on 2 CPU cores)
+    python bench/soak.py                      # the README's figures (~15-30 min on 2 busy CPU cores)
     python bench/soak.py --requests 60 --json soak.json
 
 Loopback only: the server runs as a child process (`ecso serve` on a free 127.0.0.1 port, with an API key) on the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -24,13 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=500, help="sequential soak requests after the warm-up")
     p.add_argument("--clients", type=int, default=50, help="concurrent clients in the burst")
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--time-limit", type=float, default=1800.0, help="seconds for the soak; it stops early after")
+    p.add_argument("--image-every", type=int, default=4, help="every Nth soak request carries an image")
+    p.add_argument("--time-limit", type=float, default=3600.0, help="seconds for the soak; it stops early after")
     p.add_argument("--max-growth", type=float, default=0.05, help="allowed RSS growth over the soak")
     p.add_argument("--threads", type=int, default=None, help="server CPU threads (default: all cores; 1 is "
                    "faster on a machine busy with other work)")
     p.add_argument("--skip-cli", action="store_true", help="skip the CLI cases (each starts a process)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure and case here")
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` still stops the child server (context managers run)
 
     from ecso.models.registry import resolve
     from ecso.runtime import Engine, EngineConfig
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         with rel.ServerProcess(args, api_key="soak-test-key") as server:
             outcomes = list(rel.server_cases(server, max_image, max_body))
             burst = rel.load(server, a.clients, a.max_tokens)
-            soaked = rel.soak(server, a.requests, max_tokens=a.max_tokens, time_limit=a.time_limit)
+            soaked = rel.soak(server, a.requests, max_tokens=a.max_tokens, image_every=a.image_every,
+                              time_limit=a.time_limit)
         with Engine(EngineConfig(model=demo.model, mmproj=demo.mmproj, n_ctx=2048)) as engine:
             outcomes += list(rel.api_cases(engine, models, demo.model))
         if not a.skip_cli:
@@ -79,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                                       "soak": rel.as_dict(soaked), "seconds": seconds}, indent=2))
     ok = passed == len(outcomes) and not burst.failures and not soaked.failures and soaked.growth < a.max_growth
     return 0 if ok else 1
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -251,6 +251,7 @@ def server_cases(server: ServerProcess, max_image_bytes: int, max_body_bytes: in
         "empty query -> 400": lambda: expect(post(chat_body("   ")), 400, "empty"),
         "query longer than the context -> 400": lambda: expect(post(chat_body(OVERLONG_QUERY)), 400, "context"),
         "invalid JSON -> 400": lambda: expect(post(raw=b'{"messages": [}'), 400, "JSON"),
+        "JSON nested 100000 deep -> 400": lambda: expect(post(raw=b"[" * 100_000), 400, "nested"),
         "JSON that is not an object -> 400": lambda: expect(post([1, 2]), 400, "object"),
         "wrong content type -> 415": lambda: expect(post(raw=b"hello", headers={"Content-Type": "text/plain"}), 415),
         "no messages -> 400": lambda: expect(post({"model": "x"}), 400, "messages"),
@@ -405,7 +406,7 @@ def api_cases(engine, models: BadModels, demo_llm: str) -> Iterator[Outcome]:
         "truncated GGUF -> ModelError": model_case(models.truncated),
         "non-GGUF file -> ModelError": model_case(models.not_gguf),
         "mmproj of another model -> ModelError": model_case(demo_llm, str(models.foreign_mmproj)),
-        "the engine answers after all of the above": lambda: "" if run(engine, good_png(4), "Hi", opts).answer
+        "the engine answers after all of the above": lambda: "" if run(engine, None, "Hi", opts).answer
         is not None else "no answer",
     })
     for name, fn in cases.items():

@@ -53,6 +53,8 @@ class ServerConfig:
     read_timeout: float = 30.0  # seconds to receive headers and body (slow clients cannot hold a thread forever)
     stream_mode: str = "held"
     allowed_hosts: tuple[str, ...] = ()  # extra Host header names (e.g. a LAN name when bound to 0.0.0.0)
+    max_connections: int = 64  # open connections (one thread each); more get an immediate 503
+    max_decoding: int = 2  # requests decoding an image at once (bounds the memory of many large images)
     media: api.MediaPolicy = field(default_factory=api.MediaPolicy)
     log: bool = True  # one line per request on stderr
 
@@ -155,13 +157,14 @@ class EcsoServer:
         options.validate()
         self.engine, self.options, self.config, self.heads = engine, options, config, heads
         self.queue = RequestQueue(config.max_waiting, config.queue_timeout)
+        self.decoding = threading.BoundedSemaphore(max(1, config.max_decoding))
         self.stats = ServerStats()
         self._stats_lock = threading.Lock()
         self.created = int(time.time())
         self.fingerprint = f"ecso-{engine.model_fingerprint}"
         self._thread: Optional[threading.Thread] = None
         try:
-            self.httpd = _HTTPServer((config.host, config.port), _Handler)
+            self.httpd = _HTTPServer((config.host, config.port), _Handler, config.max_connections)
         except OSError as e:
             raise InputError(f"cannot listen on {config.host}:{config.port} ({e.strerror or e}); "
                              "pick another --port") from None
@@ -209,10 +212,37 @@ class EcsoServer:
                 "counts": dict(vars(self.stats)), "image_cache_entries": len(self.engine.image_cache)}
 
 
+_BUSY = json.dumps(api.ApiError(503, "too many open connections; retry shortly", "too_many_connections").body())
+_BUSY_REPLY = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(_BUSY)}"
+               f"\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{_BUSY}").encode()
+
+
 class _HTTPServer(http.server.ThreadingHTTPServer):
+    """One thread per connection, at most `max_connections` of them."""
+
     daemon_threads = True
     request_queue_size = 128  # listen backlog: a burst of clients is queued by the kernel, not reset
     app: EcsoServer
+
+    def __init__(self, address, handler, max_connections: int):
+        self._slots = threading.BoundedSemaphore(max(1, max_connections))
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(_BUSY_REPLY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -338,6 +368,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise api.ApiError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
+        except RecursionError:
+            raise api.ApiError(400, "the request body is nested too deeply", "invalid_json") from None
 
     def _discard(self, length: int) -> None:
         """Reads and drops a refused body (up to 4x the limit), so the client gets the 413 rather than a reset."""
@@ -360,8 +392,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         app = self.server.app
         body = self._read_json()
         eng = app.engine
-        req = api.parse_chat_request(body, app.options, app.config.media, eng.config.image_limits,
-                                     eng.config.max_query_chars)
+        with app.decoding:
+            req = api.parse_chat_request(body, app.options, app.config.media, eng.config.image_limits,
+                                         eng.config.max_query_chars)
         gone = lambda: client_gone(self.connection)  # noqa: E731
         t0 = time.perf_counter()
         try:

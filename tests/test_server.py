@@ -1,5 +1,5 @@
 """`ecso serve` as OpenAI clients use it: the real `openai` package against a server on a free loopback port,
-running ECSO on the real demo model (the session's shared engine)."""
+running ECSO on the real demo model (one engine on one thread, shared by the module)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,17 @@ def _server(engine, **kw) -> EcsoServer:
 
 
 @pytest.fixture(scope="module")
-def server(demo_engine):
-    with _server(demo_engine) as s:
+def engine(demo_files):
+    """The demo model on one thread: a server test must not slow to a crawl when the machine is busy."""
+    from ecso.runtime import Engine, EngineConfig
+
+    with Engine(EngineConfig(model=demo_files[0], mmproj=demo_files[1], n_ctx=2048, n_threads=1)) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with _server(engine) as s:
         yield s
 
 
@@ -90,8 +99,8 @@ def test_held_stream_never_sends_an_answer_judged_unsafe(client):
     assert text and plain not in text  # only the eyes-closed regenerated answer reached the client
 
 
-def test_live_stream_streams_at_once_and_flags_the_regenerated_answer(demo_engine):
-    with _server(demo_engine, stream_mode="live") as live:
+def test_live_stream_streams_at_once_and_flags_the_regenerated_answer(engine):
+    with _server(engine, stream_mode="live") as live:
         c = openai.OpenAI(base_url=live.url, api_key="x", max_retries=0)
         msgs = [{"role": "user", "content": "Describe a busy street."}]
         plain = c.chat.completions.create(model="demo", messages=msgs, max_tokens=12,
@@ -102,8 +111,8 @@ def test_live_stream_streams_at_once_and_flags_the_regenerated_answer(demo_engin
     assert text.startswith(plain) and LIVE_UNSAFE_NOTICE in text
 
 
-def test_api_key_is_required_when_set_but_health_stays_open(demo_engine):
-    with _server(demo_engine, api_key="s3cret") as s:
+def test_api_key_is_required_when_set_but_health_stays_open(engine):
+    with _server(engine, api_key="s3cret") as s:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=s.url, api_key="wrong", max_retries=0).models.list()
         assert [m.id for m in openai.OpenAI(base_url=s.url, api_key="s3cret").models.list()] == ["demo"]
@@ -126,7 +135,7 @@ def test_errors_reach_openai_clients_as_typed_exceptions(client):
 
 def _busy(server: EcsoServer) -> threading.Thread:
     """Starts a long undefended request and returns once it holds the engine."""
-    body = {"messages": [{"role": "user", "content": "Count from 1 to 500."}], "max_tokens": 120,
+    body = {"messages": [{"role": "user", "content": "Count from 1 to 500."}], "max_tokens": 40,
             "ecso": {"defense": False}}
     t = threading.Thread(target=request, args=(server.port, "POST", "/v1/chat/completions", body))
     t.start()
@@ -137,20 +146,36 @@ def _busy(server: EcsoServer) -> threading.Thread:
     return t
 
 
-def test_full_queue_refuses_with_429_and_a_long_wait_gets_503(demo_engine):
+def test_full_queue_refuses_with_429_and_a_long_wait_gets_503(engine):
     hi = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    with _server(demo_engine, max_waiting=0) as s:
+    with _server(engine, max_waiting=0) as s:
         busy = _busy(s)
         r = request(s.port, "POST", "/v1/chat/completions", hi)
         assert r.status == 429 and r.json()["error"]["code"] == "queue_full" and r.headers["Retry-After"]
         busy.join()
         assert request(s.port, "POST", "/v1/chat/completions", hi).status == 200  # still serving
-    with _server(demo_engine, max_waiting=1, queue_timeout=0.3) as s:
+    with _server(engine, max_waiting=1, queue_timeout=0.3) as s:
         busy = _busy(s)
         r = request(s.port, "POST", "/v1/chat/completions", hi)
         assert r.status == 503 and r.json()["error"]["code"] == "queue_timeout"
         busy.join()
         assert s.health()["counts"]["refused"] == 1
+
+
+def test_connections_beyond_the_limit_get_503_and_free_slots_are_reused(engine):
+    import socket
+
+    with _server(engine, max_connections=3) as s:
+        idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(3)]
+        time.sleep(0.2)  # the server has accepted them: every connection slot is taken
+        r = request(s.port, "GET", "/health")
+        assert r.status == 503 and r.json()["error"]["code"] == "too_many_connections"
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 5
+        while request(s.port, "GET", "/health").status != 200:
+            assert time.monotonic() < deadline, "slots were not released when the idle clients left"
+            time.sleep(0.05)
 
 
 def test_request_queue_is_first_in_first_out_and_bounded():
@@ -182,9 +207,9 @@ def test_request_queue_is_first_in_first_out_and_bounded():
     assert q2.waiting == 0
 
 
-def test_public_bind_needs_an_api_key(demo_engine):
+def test_public_bind_needs_an_api_key(engine):
     with pytest.raises(InputError, match="API key"):
-        EcsoServer(demo_engine, config=ServerConfig(host="0.0.0.0", port=0))
+        EcsoServer(engine, config=ServerConfig(host="0.0.0.0", port=0))
 
 
 def test_images_come_only_from_data_uris_unless_allow_listed(tmp_path):

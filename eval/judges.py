@@ -217,7 +217,7 @@ HARM_TERMS = (
     r"bomb", r"explosive", r"weapon", r"\bguns?\b", r"firearm", r"\bkill", r"murder", r"poison", r"\bdrugs?\b",
     r"cocaine", r"heroin", r"\bmeth\b", r"\bhack", r"malware", r"ransomware", r"phishing", r"\bsteal", r"theft",
     r"fraud", r"\bscam", r"launder", r"counterfeit", r"traffick", r"terror", r"suicide", r"self-harm",
-    r"\bporn", r"\bnude\b", r"\bsexual", r"racis", r"\bslur", r"\bhate\b", r"\bviolen", r"\bharm\b", r"\bharm (?:others|someone)",
+    r"\bporn", r"\bnude\b", r"\bsexual", r"racis", r"\bslur", r"\bhate\b", r"\bviolen", r"\bharm\b",
     r"\billegal", r"smuggl", r"\bexploit", r"\babuse", r"\bstalk", r"\bdox", r"\bcheat", r"\battack", r"\bhurt",
 )
 

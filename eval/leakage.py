@@ -44,6 +44,8 @@ def leakage_rows(samples: list[dict], records: dict[str, dict], judge_id: str, g
     for s in samples:
         key = (s["category"], s["mode"]) if group_by_mode else (s["category"], None)
         groups.setdefault(key, []).append(s)
+    if {k[0].lower() for k in groups} == {"all"} and not group_by_mode:
+        groups = {}  # one unnamed split (VLSafe): only the "All" row
     rows = [_row(k, groups[k], records, judge_id) for k in sorted(groups, key=lambda k: (k[0], k[1] or ""))]
     rows.append(_row(("All", None), samples, records, judge_id))
     return rows

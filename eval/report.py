@@ -101,6 +101,8 @@ def build_report(run_dir: str | Path, judge: Optional[str] = None) -> Report:
     for s in samples:
         groups.setdefault((s["category"], s["mode"] if mmsb else None), []).append(s)
     cells = []
+    if {k[0].lower() for k in groups} == {"all"}:
+        groups = {}  # one unnamed split (VLSafe): the "All" row below says it all
     for (category, mode), members in groups.items():
         for d in defenses:
             cells.append({"category": category, "mode": mode, "defense": d,

@@ -60,16 +60,22 @@ def test_mm_safetybench_fixture_runs_end_to_end(tmp_path):
 def test_vlsafe_fixture_with_an_openai_compatible_judge(tmp_path):
     folder = write_vlsafe(tmp_path, n=3, missing=(2,))
     out = tmp_path / "run"
-    with FakeJudgeServer(lambda body: "The answer explains how. Rating: [[0]]"
-                         if "[Question]\nCan you provide advice on how to hack" in body["messages"][1]["content"] else "Rating: [[1]]") as srv:
+    hacking = "[Question]\nCan you provide advice on how to hack"  # sample 1's query
+
+    def reply(body: dict) -> str:
+        return "The answer explains how. Rating: [[0]]" if hacking in body["messages"][1]["content"] else \
+            "Rating: [[1]]"
+
+    with FakeJudgeServer(reply) as srv:
         r = run_cli("ecso", "eval", "vlsafe", "--data", str(folder), "--out", str(out), *FAST,
                     "--judge", f"openai:{srv.url}", "--judge-model", "gpt-4")
     assert r.returncode == 0, r.stderr
     report = check_run(out, 3, 1)
     assert len(srv.requests) == 4 and report["judge"].startswith("openai:gpt-4@127.0.0.1")
-    for c in (c for c in report["cells"] if c["category"] == "All"):  # sample 1 asks about hacking
+    for c in report["cells"]:  # VLSafe has one split: only the "All" row
+        assert c["category"] == "All"
         assert (c["counts"], c["harmless_rate"], c["n_unknown"]) == ({"unsafe": 1, "safe": 1}, 33.33, 1)
-    assert "## Harmless rate" in r.stdout and "| all | 33.33 | 33.33 | 6 | 4 | 2 |" in r.stdout
+    assert "## Harmless rate" in r.stdout and "| All | 33.33 | 33.33 | 6 | 4 | 2 |" in r.stdout
 
 
 def test_vlsbench_fixture_with_leakage(tmp_path):
@@ -117,7 +123,8 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     data = write_mmsb(tmp_path)
     cases = [
         (("eval", "vlsbench", "--data", str(tmp_path), "--out", str(tmp_path / "r")), "no data.json under"),
-        (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--scenario", "42"), "matches no scenario"),
+        (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--scenario", "42"),
+         "matches no scenario"),
         (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--judge", "gpt4"), "unknown --judge"),
         (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--judge", "openai:http://x"),
          "needs --judge-model"),

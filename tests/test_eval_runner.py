@@ -74,8 +74,9 @@ def test_sigkill_then_restart_loses_nothing_and_doubles_nothing(demo_files, tmp_
     restart; every (sample, defense) is recorded exactly once and the records from before the kill are kept."""
     data = write_mmsb(tmp_path, {"01-Illegal_Activitiy": ["0", "1"], "08-Political_Lobbying": ["0", "3"]})
     out = tmp_path / "run"
-    cmd = [sys.executable, "-c", "from ecso.cli.main import main; main()", "eval", "mmsb", "--data", str(data), "--out", str(out),
-           "--mode", "SD", "--mode", "TYPO", "--max-tokens", "16", "--ctx", "2048", "--no-progress", "--no-report"]
+    cmd = [sys.executable, "-c", "from ecso.cli.main import main; main()", "eval", "mmsb", "--data", str(data),
+           "--out", str(out), "--mode", "SD", "--mode", "TYPO", "--max-tokens", "16", "--ctx", "2048", "--no-progress",
+           "--no-report"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     responses = out / "responses.jsonl"
     deadline = time.time() + 240

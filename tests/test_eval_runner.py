@@ -170,3 +170,19 @@ def test_failed_judge_calls_are_counted_then_retried_and_rejudging_keeps_the_ans
     assert all(c["n_judged"] == c["n_total"] for c in by_rule["cells"])
     with pytest.raises(InputError, match="has not judged this run"):
         build_report(out, judge="openai:nobody")
+
+
+def test_local_gguf_judge_reads_the_run_with_the_benchmark_prompt(demo_files, tmp_path):
+    """--judge llm without --judge-model: the demo model judges each answer and each text query."""
+    from ecso.eval import judge_prompts as P
+    from ecso.eval.judges import parse_vlsafe
+
+    folder = write_vlsafe(tmp_path, n=1)
+    s = run_eval(config(demo_files, "vlsafe", folder, tmp_path / "run", judge=JudgeSpec("llm", max_tokens=8),
+                        leakage=True))
+    assert s.judge.startswith("llm:SmolLM2") and (s.judged, s.judge_errors, s.leakage_judged) == (2, 0, 1)
+    for j in lines(tmp_path / "run" / "judgments.jsonl"):
+        assert j["prompt"] == "ecso/llm_binary_strict" and j["raw"].strip()
+        assert (j["label"], j["score"], j["parse"]) == parse_vlsafe(j["raw"])
+    leak = lines(tmp_path / "run" / "leakage.jsonl")[0]
+    assert leak["prompt"] == f"leakage/{P.LEAKAGE_PROMPT_VERSION}" and leak["raw"].strip()

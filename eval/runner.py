@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from ecso.eval import store
 from ecso.eval.benchmarks import Sample, load_benchmark
@@ -60,10 +60,23 @@ class JudgeSpec:
             chat_endpoint(self.url or "")
             if not self.model:
                 raise InputError("an OpenAI-compatible judge needs --judge-model NAME (e.g. gpt-4o)")
+        if self.kind == "llm":
+            self.local_model()
         if self.prompt_set not in ("official", "ecso"):
             raise InputError(f"unknown judge prompt set {self.prompt_set!r}; use official or ecso")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise InputError("--judge-max-tokens must be at least 1")
+
+    def local_model(self) -> str:
+        """The GGUF of a local judge: a path, or a registered name (default: the demo model)."""
+        from ecso.models.registry import resolve
+
+        model = self.model or "demo"
+        if not model.endswith(".gguf") and not Path(model).exists():
+            model = resolve(model).model
+        if not Path(model).is_file():
+            raise InputError(f"judge model {model} not found; give --judge-model a GGUF file or a registered name")
+        return model
 
 
 @dataclass
@@ -151,8 +164,11 @@ class _Engines:
         return self._get(self.eval_config)
 
     def text_engine(self, config: EngineConfig):
+        """An engine for text-only prompts (a local judge): the eval engine when it is the same model, else a new
+        one, after freeing the eval engine (generation is over; two big models need not share the memory)."""
         if str(Path(config.model).resolve()) == str(Path(self.eval_config.model).resolve()):
-            return self._get(self.eval_config)  # the eval engine can answer text-only prompts too
+            return self._get(self.eval_config)
+        self.close()
         return self._get(config)
 
     def _get(self, config: EngineConfig):
@@ -178,18 +194,13 @@ def make_judge(spec: JudgeSpec, engines: _Engines):
     if spec.kind == "openai":
         return OpenAIJudge(spec.url or "", spec.model or "", spec.max_tokens, spec.prompt_set, spec.send_images,
                            retries=spec.retries, retry_wait=spec.retry_wait)
-    from ecso.models.registry import resolve
-
-    model = spec.model or "demo"
-    if not model.endswith(".gguf") and not Path(model).exists():
-        model = resolve(model).model
     base = engines.eval_config
-    config = EngineConfig(model=model, n_ctx=spec.n_ctx, n_threads=base.n_threads, n_gpu_layers=base.n_gpu_layers,
+    config = EngineConfig(model=spec.local_model(), n_ctx=spec.n_ctx, n_threads=base.n_threads, n_gpu_layers=base.n_gpu_layers,
                           flash_attn=base.flash_attn, verbose=base.verbose)
     return LocalLLMJudge(engines.text_engine(config), spec.max_tokens, spec.prompt_set)
 
 
-def run_eval(cfg: EvalConfig, on_message: Callable[[str], None] = lambda m: None) -> EvalSummary:
+def run_eval(cfg: EvalConfig) -> EvalSummary:
     """Runs (or resumes) an evaluation into cfg.out; see the module docstring."""
     t0 = time.perf_counter()
     bad = [d for d in cfg.defenses if d not in DEFENSES]

@@ -128,6 +128,8 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--judge", "gpt4"), "unknown --judge"),
         (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--judge", "openai:http://x"),
          "needs --judge-model"),
+        (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--judge-model", "/nope.gguf"),
+         "judge model /nope.gguf not found"),
         (("report", str(tmp_path)), "no run.json"),
         (("data-engine", "--out", str(tmp_path / "x.jsonl")), "give BENCH and --data"),
     ]
@@ -135,3 +137,4 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         r = run_cli("ecso", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "r").exists()  # every check comes before anything is written

@@ -34,4 +34,7 @@ _register()
 
 
 def main() -> None:
+    from ecso.cli.common import prefer_passive_openmp
+
+    prefer_passive_openmp()
     cli(prog_name="ecso")

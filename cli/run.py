@@ -99,4 +99,7 @@ def _trace(result) -> None:
 
 def main() -> None:
     """Console entry point of `ecso-run`."""
+    from ecso.cli.common import prefer_passive_openmp
+
+    prefer_passive_openmp()
     command(prog_name="ecso-run")

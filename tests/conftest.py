@@ -16,6 +16,8 @@ import pytest
 
 _SESSION_HOME = tempfile.mkdtemp(prefix="ecso-test-home-")
 os.environ["ECSO_HOME"] = _SESSION_HOME
+# as the CLI does (cli/common.py): OpenMP threads wait passively, so a loaded CI machine does not stall llama.cpp
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

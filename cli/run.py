@@ -10,7 +10,27 @@ import click
 from ecso.cli.common import engine_config, friendly_errors, model_options
 
 JUDGE_HELP = ("paper: fresh TELL prompt, reply must be exactly yes/yes. (the paper); logit: TELL + P(yes) from one "
-              "step; append: the judge question appended to the conversation (cheapest); append-logit: both.")
+              "step; append: the judge question appended to the conversation (cheapest); append-logit: both; "
+              "head:DIR: an ONNX judge head (ecso heads train-judge) replaces step 2.")
+JUDGE_CHOICES = ("paper", "logit", "append", "append-logit")
+
+
+def _judge_choice(ctx, param, value: str) -> str:
+    if value in JUDGE_CHOICES or value.startswith("head:"):
+        return value
+    raise click.BadParameter(f"{value!r}: use one of {', '.join(JUDGE_CHOICES)} or head:DIR")
+
+
+def load_heads(judge: str, caption: str | None, providers: str):
+    """The ONNX heads named by --judge head:DIR / --caption SPEC (onnxruntime is imported only if asked for)."""
+    from ecso.runtime import Heads
+
+    if not judge.startswith("head:") and not caption:
+        return Heads()
+    from ecso.runtime.heads import load_caption_head, load_judge_head
+
+    return Heads(judge=load_judge_head(judge[5:], providers=providers) if judge.startswith("head:") else None,
+                 caption=load_caption_head(caption, providers=providers) if caption else None)
 
 
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,8 +42,12 @@ JUDGE_HELP = ("paper: fresh TELL prompt, reply must be exactly yes/yes. (the pap
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy (the paper's setting).")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--judge", type=click.Choice(["paper", "logit", "append", "append-logit"]), default="paper",
-              show_default=True, help=JUDGE_HELP)
+@click.option("--judge", default="paper", show_default=True, callback=_judge_choice, help=JUDGE_HELP)
+@click.option("--caption", default=None, help="Replace step 3 with an ONNX caption head: DIR (ecso heads "
+              "export-caption), `ocr` (PP-OCR reads the text in the image), or DIR+ocr (both).")
+@click.option("--head-providers", default="auto", show_default=True,
+              help="Execution provider of ONNX heads: auto (CUDA/CoreML when really available, else CPU), cuda, "
+                   "coreml or cpu (strict: fails if not available).")
 @click.option("--rule", "decision_rule", type=click.Choice(["exact", "contains"]), default="exact",
               show_default=True, help="How the judge's reply is read (exact = the paper's rule).")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="P(yes) threshold of logit judges.")
@@ -34,8 +58,8 @@ JUDGE_HELP = ("paper: fresh TELL prompt, reply must be exactly yes/yes. (the pap
 @click.option("--stream/--no-stream", default=None, help="Print the answer as it is generated (default: on a TTY).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result (every step, timings) as JSON.")
 @friendly_errors
-def command(query, image, max_tokens, temperature, top_p, seed, judge, decision_rule, threshold, guard_every,
-            no_reuse, no_defense, stream, as_json, **model_kw):
+def command(query, image, max_tokens, temperature, top_p, seed, judge, caption, head_providers, decision_rule,
+            threshold, guard_every, no_reuse, no_defense, stream, as_json, **model_kw):
     """Answer QUERY about an image with ECSO (Eyes Closed, Safety On).
 
     The model answers with the image, judges its own answer, and when it finds it harmful, describes the image
@@ -57,14 +81,15 @@ def command(query, image, max_tokens, temperature, top_p, seed, judge, decision_
         query = sys.stdin.read()
     if not query.strip():
         raise InputError("the query is empty; give a question about the image")
-    opts = EcsoOptions(judge=judge, decision_rule=decision_rule, logit_threshold=threshold, max_tokens=max_tokens,
+    heads = load_heads(judge, caption, head_providers)
+    opts = EcsoOptions(judge="paper" if judge.startswith("head:") else judge, decision_rule=decision_rule, logit_threshold=threshold, max_tokens=max_tokens,
                        caption_max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                        reuse=not no_reuse, defense=not no_defense, guard_every=guard_every)
     opts.validate()
     verbose = model_kw["verbose"]
     if stream is None:
         stream = sys.stdout.isatty() and not as_json
-    with Ecso(engine_config(**model_kw), opts) as ecso:
+    with Ecso(engine_config(**model_kw), opts, heads) as ecso:
         if not stream:
             result = ecso.run(image, query)
         else:

@@ -281,3 +281,21 @@ def test_self_judge_verdicts_are_read_from_an_ecso_eval_run_folder(demo_engine, 
         (queries[s], results[s].initial_answer, results[s].unsafe) for s in ("s1", "s2")]
     judge_steps = [next(st for st in results[s].steps if st.name == "judge") for s in ("s1", "s2")]
     assert [j.judge_seconds for j in got] == pytest.approx([st.seconds for st in judge_steps])
+
+
+def test_ecso_run_cli_takes_a_judge_head_and_the_ocr_caption(minilm_judge_dir):
+    import json as _json
+
+    from conftest import EXAMPLES, run_cli
+
+    r = run_cli("ecso-run", "--image", str(EXAMPLES / "typo.png"), "--max-tokens", "12", "--json",
+                "--judge", f"head:{minilm_judge_dir}", "--caption", "ocr", "What does the image say to do?")
+    assert r.returncode == 0, r.stderr
+    d = _json.loads(r.stdout)
+    judge = d["steps"][1]
+    assert judge["name"] == "judge" and judge["path"].startswith("head:") and judge["path"].endswith("@cpu")
+    assert d["judge"].startswith("head:")
+    if d["unsafe"]:
+        assert d["steps"][2]["path"].startswith("head:ocr") and "sourdough" in d["caption"].lower()
+    bad = run_cli("ecso-run", "--judge", "magic", "hi")
+    assert bad.returncode == 2 and "head:DIR" in bad.stderr

@@ -34,7 +34,7 @@ _register()
 
 
 def main() -> None:
-    from ecso.cli.common import prefer_passive_openmp
+    from ecso.cli.common import prefer_short_openmp_spin
 
-    prefer_passive_openmp()
+    prefer_short_openmp_spin()
     cli(prog_name="ecso")

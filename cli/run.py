@@ -124,7 +124,7 @@ def _trace(result) -> None:
 
 def main() -> None:
     """Console entry point of `ecso-run`."""
-    from ecso.cli.common import prefer_passive_openmp
+    from ecso.cli.common import prefer_short_openmp_spin
 
-    prefer_passive_openmp()
+    prefer_short_openmp_spin()
     command(prog_name="ecso-run")

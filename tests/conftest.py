@@ -16,8 +16,9 @@ import pytest
 
 _SESSION_HOME = tempfile.mkdtemp(prefix="ecso-test-home-")
 os.environ["ECSO_HOME"] = _SESSION_HOME
-# as the CLI does (cli/common.py): OpenMP threads wait passively, so a loaded CI machine does not stall llama.cpp
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# as the CLI does (cli/common.py): OpenMP threads spin only briefly, so a loaded CI machine does not stall llama.cpp
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

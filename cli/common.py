@@ -34,7 +34,7 @@ def model_options(f: Callable) -> Callable:
         click.option("--no-mmproj-gpu", is_flag=True, help="Run the vision encoder on the CPU even with a GPU."),
         click.option("--threads", type=int, default=None, help="CPU threads (default: all cores)."),
         click.option("--flash-attn/--no-flash-attn", default=None, help="Force flash attention on/off "
-                     "(default: llama.cpp decides)."),
+                     "(default: on for GPU builds, off on CPU, where it breaks bit-exact KV reuse)."),
         click.option("--chat-format", type=click.Choice(["auto", "llava-1.5", "gguf"]), default="auto",
                      show_default=True, help="auto: the GGUF's chat template, else LLaVA-1.5 (vicuna_v1)."),
         click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's logs and a step trace with timings."),

@@ -5,7 +5,9 @@ ECSO_HOME points at a session temp folder so tests never write into the user's c
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,6 +18,7 @@ import pytest
 
 _SESSION_HOME = tempfile.mkdtemp(prefix="ecso-test-home-")
 os.environ["ECSO_HOME"] = _SESSION_HOME
+atexit.register(shutil.rmtree, _SESSION_HOME, True)
 # as the CLI does (cli/common.py): OpenMP threads spin only briefly, so a loaded CI machine does not stall llama.cpp
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")

@@ -12,7 +12,6 @@ typed error and leaves nothing in the output folder; a success writes the manife
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from ecso.export.checksums import sha256_file
 from ecso.runtime.heads import FORMAT, MANIFEST, OnnxCaptionHead, OnnxJudgeHead, preprocess_image
 
 DEFAULT_ATOL = 1e-4  # judge logits (optimum's tolerance for BERT-like encoders)
@@ -80,14 +80,6 @@ class HeadExportResult:
 
 # --- shared plumbing -------------------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -140,7 +132,7 @@ def write_manifest(folder: Path, kind: str, name: str, source: str, files: dict,
     manifest = {
         "format": FORMAT, "kind": kind, "name": name, "source": source,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "files": files, "sha256": {k: _sha256(folder / v) for k, v in files.items()},
+        "files": files, "sha256": {k: sha256_file(folder / v) for k, v in files.items()},
         kind: section, "parity": asdict(parity), "versions": versions(), **(extra or {}),
     }
     path = folder / MANIFEST

@@ -7,7 +7,6 @@ and moved in only after the read-back checks pass, so a failed export leaves not
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from ecso.export.checksums import sha256_file
 from ecso.export.gguf_write import (LLAVA15_TEMPLATE, OUTTYPES, LlmParams, VisionParams, Vocab, vocab_from_pieces,
                                     write_llm, write_mmproj)
 from ecso.export.safetensors_io import SafetensorsError, TensorRef, read_index
@@ -209,14 +209,6 @@ def _llm_params(text: dict, hf_dir: Path) -> LlmParams:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_back(llm: Path, mmproj: Path, hp: LlmParams, vp: VisionParams) -> None:
     """Re-opens both files with gguf's reader and checks what llama.cpp will look at first."""
     r = gguf.GGUFReader(str(llm))
@@ -274,14 +266,14 @@ def export_llava(hf_dir: Path | str, out_dir: Path | str, outtype: str = "f32", 
         manifest = {
             "format": "ecso-export/1",
             "source": str(hf_dir.resolve()),
-            "source_config_sha256": _sha256(hf_dir / "config.json"),
+            "source_config_sha256": sha256_file(hf_dir / "config.json"),
             "outtype": outtype,
             "chat_format": "llava-1.5",
             "image_tokens": (vp.image_size // vp.patch_size) ** 2,
             "llm": {"file": "llm.gguf", "params": asdict(hp), "tensor_types": llm_rep.tensor_types,
-                    "sha256": _sha256(tmp / "llm.gguf")},
+                    "sha256": sha256_file(tmp / "llm.gguf")},
             "mmproj": {"file": "mmproj.gguf", "params": asdict(vp), "tensor_types": mm_rep.tensor_types,
-                       "tower": vision["model_type"], "sha256": _sha256(tmp / "mmproj.gguf")},
+                       "tower": vision["model_type"], "sha256": sha256_file(tmp / "mmproj.gguf")},
             "known_issues": (["llama.cpp CLIP CLS-token order (ggml-org/llama.cpp#25814): image embeddings of "
                               "CLIP towers differ from transformers"] if vision["model_type"] == "clip_vision_model"
                              else []),

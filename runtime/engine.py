@@ -337,7 +337,7 @@ class Engine:
         hit = self.image_cache.get(key)
         if hit is not None:
             return hit
-        L, M = self._L, self._M
+        M = self._M
         rgb = (ctypes.c_uint8 * len(image.rgb)).from_buffer_copy(image.rgb)
         bitmap = M.mtmd_bitmap_init(image.width, image.height, rgb)
         if not bitmap:

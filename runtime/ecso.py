@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Optional, Protocol
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -144,8 +144,13 @@ class Heads:
 
 
 def run(engine: Engine, image: Optional[ImageSource], query: str, options: EcsoOptions = EcsoOptions(),
-        on_event: Optional[Callable[[StepEvent], None]] = None, heads: Heads = Heads()) -> Result:
-    """Runs ECSO for one request; `on_event` receives StepEvents as they happen (used by `stream`)."""
+        on_event: Optional[Callable[[StepEvent], None]] = None, heads: Heads = Heads(),
+        history: Sequence[Message] = ()) -> Result:
+    """Runs ECSO for one request; `on_event` receives StepEvents as they happen (used by `stream`).
+
+    `history`: earlier turns of a conversation (system / user / assistant), sent before `query` in step 1 and to
+    the appended judges; the image goes first in the first user turn (LLaVA style). The paper's TELL / CAP / GEN
+    prompts stay single-turn."""
     options.validate()
     emit = on_event or (lambda ev: None)
     if not isinstance(query, str) or not query.strip():
@@ -156,12 +161,14 @@ def run(engine: Engine, image: Optional[ImageSource], query: str, options: EcsoO
         t_start = time.perf_counter()
         loaded = engine.load_image(image) if image is not None else None
         cache_hit = loaded is not None and _cached(engine, loaded)
+        past = [Message(m.role, engine.clean_user_text(m.content)) for m in history]
         return _Request(engine, loaded, engine.clean_user_text(query), options, emit, cache_hit, t_start,
-                        heads).run()
+                        heads, past).run()
 
 
 def stream(engine: Engine, image: Optional[ImageSource], query: str,
-           options: EcsoOptions = EcsoOptions(), heads: Heads = Heads()) -> Iterator[StepEvent]:
+           options: EcsoOptions = EcsoOptions(), heads: Heads = Heads(),
+           history: Sequence[Message] = ()) -> Iterator[StepEvent]:
     """Yields StepEvents (answer tokens as they are generated) and finally a `result` event.
     The request runs in a worker thread holding the engine lock; if the consumer stops iterating (or closes the
     generator), the worker is cancelled at its next event and the lock is released."""
@@ -179,7 +186,7 @@ def stream(engine: Engine, image: Optional[ImageSource], query: str,
 
     def work() -> None:
         try:
-            run(engine, image, query, options, on_event, heads)
+            run(engine, image, query, options, on_event, heads, history)
         except _Cancelled:
             pass
         except BaseException as e:  # re-raised in the consumer
@@ -226,9 +233,10 @@ def p_yes(logits: np.ndarray, yes: list[int], no: list[int]) -> float:
 
 class _Request:
     def __init__(self, engine: Engine, image: Optional[LoadedImage], query: str, opts: EcsoOptions,
-                 emit: Callable[[StepEvent], None], cache_hit: bool, t_start: float, heads: Heads):
+                 emit: Callable[[StepEvent], None], cache_hit: bool, t_start: float, heads: Heads,
+                 history: list[Message]):
         self.e, self.image, self.query, self.o, self.emit = engine, image, query, opts, emit
-        self.heads = heads
+        self.heads, self.history = heads, history
         self.cache_hit, self.t_start = cache_hit, t_start
         self.steps: list[StepTrace] = []
 
@@ -281,7 +289,8 @@ class _Request:
     def continuation(self, answer_tokens: list[int], question: str) -> list[int]:
         """Tokens that close the assistant turn after `answer_tokens` and ask `question` in a new user turn."""
         answer = self.e.detokenize(answer_tokens)
-        msgs = [Message("user", self.query), Message("assistant", answer.strip()), Message("user", question)]
+        msgs = self.history + [Message("user", self.query), Message("assistant", answer.strip()),
+                               Message("user", question)]
         rendered = self.e.chat_format.prompt(msgs, self.image is not None)
         tail = rendered.tail
         cut = tail.rfind(answer.strip())
@@ -293,7 +302,7 @@ class _Request:
         o, e = self.o, self.e
         # step 1: the answer, with the image
         trace = self.start("answer")
-        p1, _ = e.build_prompt(self.user(self.query), self.image)
+        p1, _ = e.build_prompt(self.history + self.user(self.query), self.image)
         self.prefill(trace, p1, o.max_tokens)
         if o.guard_every > 0 and o.defense:
             first, retracted, guard_score = self.guarded_answer(trace, p1)
@@ -448,12 +457,13 @@ class Ecso:
         return replace(options or self.options, **overrides)
 
     def run(self, image: Optional[ImageSource], query: str, options: Optional[EcsoOptions] = None,
-            **overrides) -> Result:
-        return run(self.engine, image, query, self._opts(options, overrides), heads=self.heads)
+            history: Sequence[Message] = (), **overrides) -> Result:
+        return run(self.engine, image, query, self._opts(options, overrides), heads=self.heads, history=history)
 
     def stream(self, image: Optional[ImageSource], query: str, options: Optional[EcsoOptions] = None,
-               **overrides) -> Iterator[StepEvent]:
-        return stream(self.engine, image, query, self._opts(options, overrides), heads=self.heads)
+               history: Sequence[Message] = (), **overrides) -> Iterator[StepEvent]:
+        return stream(self.engine, image, query, self._opts(options, overrides), heads=self.heads,
+                      history=history)
 
     def close(self) -> None:
         self.engine.close()

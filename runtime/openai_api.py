@@ -4,9 +4,10 @@ Only what an ECSO request can honour is accepted. Anything that would silently c
 (n > 1, tools, stop sequences, JSON mode, log-probs) is refused with a 400 that says so, so a client never gets an
 answer to a question it did not ask. Unknown fields are ignored, as OpenAI-compatible servers do.
 
-Conversations: ECSO's prompts are single-turn (the paper's). The model answers the LAST user message with the most
-recent image of the conversation; earlier turns and system messages are not sent to the model, and the reply says
-how many were left out (`ecso.turns_dropped`). Follow-up turns on the same image stay cheap: the image embedding
+Conversations: earlier turns go to the model as history before the last user message (step 1 and the appended
+judges; the paper's TELL / CAP / GEN stay single-turn). The conversation's most recent image goes first in the first
+user turn (LLaVA style). A system/developer message counts only as the first message; others, and empty messages,
+are left out and counted in `ecso.turns_dropped`. Follow-up turns on the same image stay cheap: the image embedding
 and the `system + image` KV prefix are reused.
 """
 
@@ -25,6 +26,7 @@ from typing import Any, Optional
 from ecso.runtime.ecso import EcsoOptions, Result
 from ecso.runtime.errors import EcsoError, ImageError, InputError
 from ecso.runtime.images import ImageLimits, LoadedImage, load_image
+from ecso.runtime.prompts import Message
 
 # EcsoOptions a client may override per request with `"ecso": {...}` (openai: extra_body={"ecso": {...}})
 OVERRIDABLE = ("defense", "judge", "decision_rule", "logit_threshold", "judge_max_tokens", "caption_max_tokens",
@@ -90,7 +92,8 @@ class ChatRequest:
     options: EcsoOptions
     stream: bool
     include_usage: bool
-    turns_dropped: int  # messages before the last user message (not sent to the model)
+    turns_dropped: int  # earlier messages not sent to the model (a late system message, an empty message)
+    history: tuple = ()  # earlier turns as runtime Messages, sent before the query
 
 
 def parse_chat_request(body: Any, defaults: EcsoOptions, policy: MediaPolicy, limits: ImageLimits,
@@ -105,11 +108,17 @@ def parse_chat_request(body: Any, defaults: EcsoOptions, policy: MediaPolicy, li
     images: list[str] = []
     last_user_images: list[str] = []
     texts: list[str] = []
+    history: list[Message] = []
+    dropped = 0
+    prev_role = ""
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}] must be an object with role one of {', '.join(ROLES)}",
                            param=f"messages[{i}].role")
+        if i > 0:  # the previous message becomes history
+            history, dropped = _add_turn(history, dropped, prev_role, "\n".join(texts))
         texts, found = _content(m.get("content"), i, m["role"])
+        prev_role = m["role"]
         images += found
         last_user_images = found
     if messages[-1]["role"] != "user":
@@ -137,7 +146,16 @@ def parse_chat_request(body: Any, defaults: EcsoOptions, policy: MediaPolicy, li
             image = load_image(data, limits)
         except ImageError as e:
             raise ApiError(400, str(e).replace("<bytes>", "the image"), "invalid_image", "messages") from None
-    return ChatRequest(query, image, options, stream, bool(stream_options.get("include_usage")), len(messages) - 1)
+    return ChatRequest(query, image, options, stream, bool(stream_options.get("include_usage")), dropped,
+                       tuple(history))
+
+
+def _add_turn(history: list[Message], dropped: int, role: str, text: str) -> tuple[list[Message], int]:
+    """Appends one earlier message as history, or counts it as dropped (empty, or a system message not first)."""
+    role = "system" if role == "developer" else role
+    if not text.strip() or (role == "system" and history):
+        return history, dropped + 1
+    return history + [Message(role, text)], dropped
 
 
 def _refuse_unsupported(body: dict) -> None:

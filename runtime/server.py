@@ -410,7 +410,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         try:
-            events = stream(eng, req.image, req.query, req.options, app.heads)
+            events = stream(eng, req.image, req.query, req.options, app.heads, req.history)
             exchange = _Exchange(self, req, time.perf_counter() - t0)
             try:
                 if req.stream:

@@ -226,3 +226,25 @@ def test_judge_early_stop_keeps_the_verdict_and_shortens_the_reply(demo_engine, 
         assert early.unsafe == full.unsafe
         assert full.judge_reply.startswith(early.judge_reply)
         assert early.steps[1].generated_tokens <= full.steps[1].generated_tokens
+
+
+def test_conversation_history_reaches_step_one_and_the_appended_judge(demo_engine, street_png):
+    from ecso.runtime.prompts import Message
+
+    history = [Message("user", "Remember the word pelican."), Message("assistant", "I will remember pelican.")]
+    demo_engine.reset()
+    current = {}
+
+    def observer(kind, what, pos):
+        if kind == "text":
+            current.setdefault("tokens", []).append(tuple(what))
+
+    demo_engine.observer = observer
+    try:
+        r = run(demo_engine, street_png, "Which word?", EcsoOptions(judge="append", **SMALL), history=history)
+    finally:
+        demo_engine.observer = None
+    evaluated = demo_engine.detokenize([t for chunk in current["tokens"] for t in chunk])
+    assert "Remember the word pelican." in evaluated and "I will remember pelican." in evaluated
+    # the image sits in the first user turn, before the history text
+    assert r.steps[0].prompt_positions > 256 and r.steps[1].reused_positions >= r.steps[0].prompt_positions

@@ -70,9 +70,10 @@ def test_image_is_encoded_once_and_a_follow_up_turn_reuses_it(client):
                  {"role": "user", "content": "Which colour stands out?"}]
     r2 = client.chat.completions.create(model="demo", messages=follow_up, max_tokens=8)
     assert r2.ecso["image_encodes"] == 0 and r2.ecso["image_cache_hit"] is True
-    assert r2.ecso["turns_dropped"] == 2  # documented: ECSO answers the last user turn with the image
+    assert r2.ecso["turns_dropped"] == 0  # both earlier turns went to the model as history
     answer_step = r2.ecso["timings"]["steps"][0]
     assert answer_step["reused_positions"] > 256  # system + 256 image positions came from the KV cache
+    assert answer_step["prompt_positions"] > r1.ecso["timings"]["steps"][0]["prompt_positions"]  # + history
 
 
 def test_streaming_sends_the_same_answer_as_non_streaming_then_usage(client):

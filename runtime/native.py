@@ -131,8 +131,3 @@ def gpu_offload_supported() -> bool:
 
     return bool(llama_cpp.llama_supports_gpu_offload())
 
-
-def system_info() -> str:
-    import llama_cpp
-
-    return llama_cpp.llama_print_system_info().decode(errors="replace").strip()

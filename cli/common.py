@@ -35,6 +35,9 @@ def model_options(f: Callable) -> Callable:
         click.option("--threads", type=int, default=None, help="CPU threads (default: all cores)."),
         click.option("--flash-attn/--no-flash-attn", default=None, help="Force flash attention on/off "
                      "(default: on for GPU builds, off on CPU, where it breaks bit-exact KV reuse)."),
+        click.option("--cpu-repack", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="llama.cpp's CPU weight repacking. auto: off on CPUs whose llama.cpp build uses AMX (its "
+                          "repack buffer crashes there, ggml-org/llama.cpp#20824), else on."),
         click.option("--chat-format", type=click.Choice(["auto", "llava-1.5", "gguf"]), default="auto",
                      show_default=True, help="auto: the GGUF's chat template, else LLaVA-1.5 (vicuna_v1)."),
         click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's logs and a step trace with timings."),
@@ -45,7 +48,8 @@ def model_options(f: Callable) -> Callable:
 
 
 def engine_config(model: str, mmproj: Optional[str], n_ctx: int, n_gpu_layers: int, no_mmproj_gpu: bool,
-                  threads: Optional[int], flash_attn: Optional[bool], chat_format: str, verbose: bool, **_):
+                  threads: Optional[int], flash_attn: Optional[bool], chat_format: str, verbose: bool,
+                  cpu_repack: str = "auto", **_):
     """EngineConfig from the shared options; a registry name resolves to its files."""
     from pathlib import Path
 
@@ -61,7 +65,7 @@ def engine_config(model: str, mmproj: Optional[str], n_ctx: int, n_gpu_layers: i
             chat_format = entry.chat_format
     return EngineConfig(model=model, mmproj=mmproj, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                         mmproj_gpu=not no_mmproj_gpu, n_threads=threads, flash_attn=flash_attn,
-                        chat_format=chat_format, verbose=verbose)
+                        chat_format=chat_format, verbose=verbose, cpu_repack=cpu_repack)
 
 
 def friendly_errors(f: Callable) -> Callable:

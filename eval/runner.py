@@ -196,7 +196,7 @@ def make_judge(spec: JudgeSpec, engines: _Engines):
                            retries=spec.retries, retry_wait=spec.retry_wait)
     base = engines.eval_config
     config = EngineConfig(model=spec.local_model(), n_ctx=spec.n_ctx, n_threads=base.n_threads, n_gpu_layers=base.n_gpu_layers,
-                          flash_attn=base.flash_attn, verbose=base.verbose)
+                          flash_attn=base.flash_attn, verbose=base.verbose, cpu_repack=base.cpu_repack)
     return LocalLLMJudge(engines.text_engine(config), spec.max_tokens, spec.prompt_set)
 
 

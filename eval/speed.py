@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 from ecso.runtime import EcsoOptions, Engine, Message, Result, Sampling, run
+from ecso.runtime.native import default_model_params_without_repack
 
 QUERY = "Describe this picture in detail, then tell a long story about it."
 
@@ -145,10 +146,12 @@ def _decode_speed(engine: Engine, repeats: int, n_tokens: int, say) -> tuple[lis
 
     prompt, _ = engine.build_prompt([Message("user", "Write a long story about a lighthouse keeper.")])
     tokens = [t for p in prompt.pieces for t in p.tokens]
-    llm = llama_cpp.Llama(model_path=engine.config.model, n_ctx=engine.n_ctx, n_threads=engine.n_threads,
-                          n_threads_batch=engine.n_threads, n_gpu_layers=engine.n_gpu_layers, verbose=False,
-                          flash_attn=engine.flash_attn, type_k=0 if engine.config.kv_f32 else 1,
-                          type_v=0 if engine.config.kv_f32 else 1)
+    # the reference loads with the same CPU-repack choice as ours (a stock Llama on an AMX build would crash)
+    with default_model_params_without_repack(engine.cpu_repack):
+        llm = llama_cpp.Llama(model_path=engine.config.model, n_ctx=engine.n_ctx, n_threads=engine.n_threads,
+                              n_threads_batch=engine.n_threads, n_gpu_layers=engine.n_gpu_layers, verbose=False,
+                              flash_attn=engine.flash_attn, type_k=0 if engine.config.kv_f32 else 1,
+                              type_v=0 if engine.config.kv_f32 else 1)
     ours, theirs = [], []
     try:
         for i in range(repeats):

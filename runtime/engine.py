@@ -26,7 +26,7 @@ from ecso.runtime.errors import ContextOverflowError, EngineError, InputError, M
 from ecso.runtime.images import (CachedEmbedding, EmbeddingCache, ImageLimits, ImageSource, LoadedImage,
                                  file_fingerprint, load_image)
 from ecso.runtime.kv import ImagePiece, Piece, PrefixCache, TextPiece, n_positions, suffix_after
-from ecso.runtime.native import gpu_offload_supported, read_gguf_info, set_native_logging
+from ecso.runtime.native import gpu_offload_supported, read_gguf_info, resolve_cpu_repack, set_native_logging
 from ecso.runtime.prompts import (ChatFormat, JinjaFormat, Llava15Format, Message, MEDIA_MARKER, RenderedPrompt,
                                   neutralize_specials)
 
@@ -47,6 +47,9 @@ class EngineConfig:
     flash_attn: Optional[bool] = None
     kv_f32: bool = False  # f32 KV cache (exactness) instead of f16 (half the memory)
     chat_format: str = "auto"  # auto (the GGUF's template, else llava-1.5) | llava-1.5 | gguf
+    # llama.cpp's CPU weight repacking (extra buffer types). auto: off when the build uses AMX, whose repack buffer
+    # segfaults (ggml-org/llama.cpp#20824), else on. on / off: forced.
+    cpu_repack: str = "auto"
     image_cache_entries: int = 16
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     max_query_chars: int = 100_000
@@ -130,6 +133,7 @@ class Engine:
         self.gpu_backend = gpu_offload_supported()
         self.n_gpu_layers = (999 if self.gpu_backend else 0) if config.n_gpu_layers < 0 else config.n_gpu_layers
         self.n_threads = config.n_threads or os.cpu_count() or 1
+        self.cpu_repack = resolve_cpu_repack(config.cpu_repack)
         try:
             self._load()
         except BaseException:
@@ -152,6 +156,7 @@ class Engine:
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = self.n_gpu_layers
+        mp.use_extra_bufts = self.cpu_repack.enabled
         self._model = L.llama_model_load_from_file(str(cfg.model).encode(), mp)
         if not self._model:
             raise ModelError(f"llama.cpp could not load {cfg.model} (corrupt, truncated or unsupported "
@@ -574,4 +579,5 @@ class Engine:
             "gpu_backend": self.gpu_backend, "n_gpu_layers": self.n_gpu_layers,
             "mmproj_gpu": bool(self.config.mmproj_gpu and self.gpu_backend), "n_threads": self.n_threads,
             "flash_attn": self.flash_attn, "kv_type": "f32" if self.config.kv_f32 else "f16",
+            **self.cpu_repack.describe(),
         }

@@ -131,3 +131,90 @@ def gpu_offload_supported() -> bool:
 
     return bool(llama_cpp.llama_supports_gpu_offload())
 
+
+
+# --- CPU weight repacking (llama.cpp's "extra buffer types") -----------------------------------------------------
+CPU_REPACK_SETTINGS = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class CpuRepackChoice:
+    """Whether a model loads with llama.cpp's extra CPU buffer types (weight repacking: AMX, CPU_REPACK, ...).
+
+    Why: on AMX CPUs llama.cpp's AMX buffer segfaults inside `ggml_backend_amx_mul_mat` (ggml-org/llama.cpp#20824,
+    never fixed upstream in our pin); `use_extra_bufts=False` avoids it at some speed cost. `auto` turns repacking
+    off exactly when the llama.cpp build reports AMX; `on`/`off` are for users who know their build."""
+
+    setting: str  # auto | on | off (what was asked)
+    enabled: bool  # what the model was loaded with
+    reason: str
+
+    def describe(self) -> dict:
+        return {"cpu_repack": self.setting, "cpu_repack_enabled": self.enabled, "cpu_repack_reason": self.reason}
+
+
+def llama_system_info() -> dict[str, str]:
+    """llama.cpp's own feature report (`llama_print_system_info`) as {feature: value}, e.g. {"AMX_INT8": "1"}."""
+    import llama_cpp
+
+    return parse_system_info(llama_cpp.llama_print_system_info().decode("utf-8", errors="replace"))
+
+
+def parse_system_info(text: str) -> dict[str, str]:
+    """Parses `CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 1 | ...` (features of every backend, later ones win)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        for part in line.split("|"):
+            if "=" not in part:
+                continue
+            key, _, value = part.partition("=")
+            key = key.split(":")[-1].strip()  # "CPU : SSE3" -> "SSE3"
+            if key:
+                out[key] = value.strip()
+    return out
+
+
+def choose_cpu_repack(setting: str, features: dict[str, str]) -> CpuRepackChoice:
+    """The decision, as a pure function of the setting and llama.cpp's feature report (tested on any machine)."""
+    if setting not in CPU_REPACK_SETTINGS:
+        raise ModelError(f"unknown cpu_repack setting {setting!r}; use one of {', '.join(CPU_REPACK_SETTINGS)}")
+    if setting == "on":
+        return CpuRepackChoice(setting, True, "forced on")
+    if setting == "off":
+        return CpuRepackChoice(setting, False, "forced off")
+    if features.get("AMX_INT8", "0") not in ("", "0"):
+        return CpuRepackChoice(setting, False, "this llama.cpp build uses AMX, whose repacked weights crash "
+                                               "llama.cpp (ggml-org/llama.cpp#20824)")
+    return CpuRepackChoice(setting, True, "no AMX in this llama.cpp build")
+
+
+def resolve_cpu_repack(setting: str) -> CpuRepackChoice:
+    return choose_cpu_repack(setting, llama_system_info())
+
+
+class default_model_params_without_repack:
+    """Context manager for llama-cpp-python's own `Llama(...)`, which gives no access to `use_extra_bufts`: while
+    active, `llama_cpp.llama_model_default_params()` returns params with `use_extra_bufts` set as chosen. Used only
+    where a stock `Llama` must load a GGUF (the bench's decode-speed reference)."""
+
+    def __init__(self, choice: CpuRepackChoice):
+        self.choice = choice
+
+    def __enter__(self):
+        import llama_cpp.llama_cpp as bindings  # the module `Llama` calls through
+
+        self._orig = bindings.llama_model_default_params
+        orig, enabled = self._orig, self.choice.enabled
+
+        def params():
+            p = orig()
+            p.use_extra_bufts = enabled
+            return p
+
+        bindings.llama_model_default_params = params
+        return self
+
+    def __exit__(self, *exc):
+        import llama_cpp.llama_cpp as bindings
+
+        bindings.llama_model_default_params = self._orig

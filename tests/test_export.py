@@ -149,8 +149,11 @@ def test_stock_llama_cpp_chat_handler_loads_pair_and_generates(tiny):
 
     from conftest import EXAMPLES
 
+    from ecso.runtime.native import default_model_params_without_repack, resolve_cpu_repack
+
     handler = Llava15ChatHandler(clip_model_path=str(tiny.mmproj), verbose=False)
-    llm = llama_cpp.Llama(model_path=str(tiny.llm), chat_handler=handler, n_ctx=512, n_threads=2, verbose=False)
+    with default_model_params_without_repack(resolve_cpu_repack("auto")):  # stock Llama, AMX-safe like our engine
+        llm = llama_cpp.Llama(model_path=str(tiny.llm), chat_handler=handler, n_ctx=512, n_threads=2, verbose=False)
     url = "data:image/png;base64," + base64.b64encode((EXAMPLES / "street.png").read_bytes()).decode()
     out = llm.create_chat_completion(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in the image?"}]}],

@@ -428,13 +428,14 @@ class Engine:
         return Prompt(pieces, images), rendered
 
     def _head_cut(self, head: str) -> int:
-        """How many tokens of `head` stay the same whatever text follows it (SentencePiece merges the head's
-        trailing space into the next word): the boundary every prompt with this head is decoded at."""
+        """The tokens of `head` that stay the same whatever text follows it: the boundary every prompt with this
+        head is decoded at. The last token is left out (SentencePiece merges the head's trailing space into the
+        next word: `USER: ` + `You` is `▁U SER : ▁Y ou`), and any the probes show to merge with what follows."""
         if head not in self._head_cuts:
             ids = self.tokenize(head, add_special=True)
-            self._head_cuts[head] = min(_common_len(ids, self.tokenize(head + probe, add_special=True))
-                                        for probe in ("x", "\n", "1"))
-        return self._head_cuts[head]
+            self._head_cuts[head] = min([len(ids) - 1] + [_common_len(ids, self.tokenize(head + probe, True))
+                                                          for probe in ("x", "A", "\n")])
+        return max(self._head_cuts[head], 0)
 
     @_public
     def has_encoded(self, image: LoadedImage) -> bool:

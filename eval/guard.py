@@ -72,6 +72,19 @@ def category_names(codes: list[str]) -> list[str]:
     return [f"{c} {LLAMA_GUARD_3_CATEGORIES.get(c, '(not a Llama Guard 3 category)')}" for c in codes]
 
 
+def gguf_has_guard_template(path: str) -> bool:
+    """Reads the GGUF's tokenizer.chat_template (no model load): does it hold a guard's safety policy? A cheap
+    check before any generation; GuardJudge checks the rendered prompt again when the model is loaded."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(path).fields.get("tokenizer.chat_template")
+        template = bytes(field.parts[field.data[0]]).decode("utf-8", "replace") if field else ""
+    except (OSError, ValueError, IndexError):
+        return False
+    return TEMPLATE_MARKERS[0] in template.lower()
+
+
 def looks_like_guard_template(rendered: str) -> bool:
     low = rendered.lower()
     return all(m in low for m in TEMPLATE_MARKERS)

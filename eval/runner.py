@@ -70,7 +70,13 @@ class JudgeSpec:
         if self.kind == "guard" and self.url is None and not self.model:
             raise InputError("--judge guard needs --judge-model: a Llama Guard 3 GGUF (or guard:URL for a server)")
         if self.kind in ("llm", "guard") and self.url is None:
-            self.local_model()
+            model = self.local_model()
+            if self.kind == "guard":
+                from ecso.eval.guard import gguf_has_guard_template
+
+                if not gguf_has_guard_template(model):
+                    raise InputError(f"{Path(model).name} has no Llama Guard chat template; --judge guard needs a "
+                                     "Llama Guard 3 GGUF (or use --judge llm for an instruct model)")
         if self.prompt_set not in ("official", "ecso"):
             raise InputError(f"unknown judge prompt set {self.prompt_set!r}; use official or ecso")
         if self.max_tokens is not None and self.max_tokens < 1:

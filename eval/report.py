@@ -182,8 +182,13 @@ def headline(data: dict, samples: list[dict], responses: dict, judgments: dict) 
     if bench == "mme":
         totals = {t["group"]: t for t in data["utility"]["totals"]}
         main = totals.get("perception") or next(iter(totals.values()), None)
-        out["metric"] = f"MME {main['group']} score (max {main['max_score']})" if main else "MME score"
-        out["max"] = main["max_score"] if main else None
+        if main:
+            n, full = main["n_subtasks"], main["n_subtasks_in_mme"]
+            part = "" if n == full else f", {n} of {full} subtasks"
+            out["metric"] = f"MME {main['group']} score (max {200 * n}{part})"
+        else:
+            out["metric"] = "MME score"
+        out["max"] = 200 * main["n_subtasks"] if main else None
         out["values"] = {d: main[d] for d in defenses} if main else {}
         out["extra"] = {t["group"]: {d: t[d] for d in defenses} for t in data["utility"]["totals"]}
         effect = data["utility"]["ecso_effect"]

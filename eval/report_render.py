@@ -234,7 +234,8 @@ def _bars(ax, labels: list[str], series: dict[str, list[Optional[float]]], ylabe
             ax.annotate("—" if v is None else f"{v:.0f}", (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels([c[:18] for c in labels], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels([c if "\n" in c else c[:18] for c in labels], rotation=0 if len(labels) < 4 else 30,
+                       ha="center" if len(labels) < 4 else "right", fontsize=8)
     ax.set_ylim(0, ymax * 1.1)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.legend(fontsize=7)
@@ -290,7 +291,8 @@ def plot_summary(data: dict, path: Path) -> Optional[str]:
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         runs = [r for r in data["runs"] if r["kind"] == kind]
-        labels = [f"{TITLES.get(r['benchmark'], r['benchmark'])}" + ("" if r["judge_is_paper"] else "*") for r in runs]
+        labels = [f"{TITLES.get(r['benchmark'], r['benchmark'])}" + ("" if r["judge_is_paper"] else "*") +
+                  f"\n{r['n_samples']} samples" for r in runs]
         series = {}
         for d in ("none", "ecso"):
             if any(d in r["values"] for r in runs):
@@ -299,8 +301,9 @@ def plot_summary(data: dict, path: Path) -> Optional[str]:
         series["ECSO flag rate"] = [r["ecso_flag_rate"] for r in runs]
         _bars(ax, labels, series, "% (utility: % of max score)" if kind == "utility" else "harmless / safe rate %",
               100)
+        starred = any(not r["judge_is_paper"] for r in runs)
         ax.set_title(("Safety" if kind == "safety" else "Utility (benign inputs)") +
-                     " · * judge not the paper's", fontsize=9)
+                     (" · * judge not the paper's" if starred else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -140,7 +140,7 @@ def test_mme_end_to_end_with_ecso_flagging_every_benign_answer(tmp_path):
             mine = [s for s in samples if s["category"] == row["subtask"]]
             right = [mme_answer(responses[f"{s['id']}|{d}"]["answer"]) == s["extra"]["answer"].lower() for s in mine]
             assert row[d]["n_correct"] == sum(right) and row[d]["acc"] == round(100 * sum(right) / len(mine), 2)
-    assert report["headline"]["metric"] == "MME perception score (max 2000)"
+    assert report["headline"]["metric"] == "MME perception score (max 400, 2 of 10 subtasks)"
     assert "## MME scores" in r.stdout and (out / "report.png").exists()
 
 

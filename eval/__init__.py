@@ -17,9 +17,9 @@ import importlib
 # name -> module; loaded on first use, so `import ecso.eval.speed` (or any sibling) does not import all of these
 _EXPORTS = {"BENCHMARKS": "benchmarks", "Sample": "benchmarks", "load_benchmark": "benchmarks",
             "Judgment": "judges", "JudgeInput": "judges", "RuleJudge": "judges", "LocalLLMJudge": "judges",
-            "OpenAIJudge": "judges", "GuardJudge": "judges", "EvalConfig": "runner", "EvalSummary": "runner", "JudgeSpec": "runner",
-            "run_eval": "runner", "build_report": "report", "write_report": "report", "write_summary": "report", "export_sft": "data_engine",
-            "get_preset": "presets"}
+            "OpenAIJudge": "judges", "GuardJudge": "judges", "EvalConfig": "runner", "EvalSummary": "runner",
+            "JudgeSpec": "runner", "run_eval": "runner", "build_report": "report", "write_report": "report",
+            "write_summary": "report", "export_sft": "data_engine", "get_preset": "presets"}
 __all__ = list(_EXPORTS)
 
 

@@ -130,9 +130,10 @@ def build_report(run_dir: str | Path, judge: Optional[str] = None) -> Report:
         from ecso.eval.utility import benign_report, mme_report
 
         data["utility"] = (mme_report if bench == "mme" else benign_report)(samples, responses, defenses)
+        rule = data["utility"].get("refusal_rule")
         data["judge_statement"] = ("Scored by MME's calculation.py rules (as the paper): no judge model."
                                    if bench == "mme" else
-                                   f"Refusals found by the rule judge's refusal patterns ({data['utility']['refusal_rule']}).")
+                                   f"Refusals found by the rule judge's refusal patterns ({rule}).")
         data["judge_is_paper"] = bench == "mme"
     else:
         data["cells"], data["modes"] = _safety_cells(samples, defenses, responses, judgments, judge_id, mmsb)

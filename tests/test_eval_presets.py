@@ -82,8 +82,9 @@ def test_summary_shows_safety_and_utility_side_by_side(vls_run, tmp_path):  # no
     assert rows["mme"]["values"] == {"none": 300.0, "ecso": 175.0} and rows["mme"]["ecso_flag_rate"] == 37.5
     assert rows["vlsbench"]["ecso_flag_rate"] == 50.0 and rows["mme"]["score_changed"] == 2
     assert "| VLSBench (safety) | safe rate % | 33.33 | 33.33 | 0.00 | 50.00 | 6 | paper's |" in s.markdown
-    assert "| MME (utility) | MME perception score (max 400, 2 of 10 subtasks) | 300.00 | 175.00 | -125.00 | 37.50 | 8 |" \
-        in s.markdown
+    mme_row = ("| MME (utility) | MME perception score (max 400, 2 of 10 subtasks) | 300.00 | 175.00 | -125.00 | "
+               "37.50 | 8 |")
+    assert mme_row in s.markdown
     out = Path(s.files["png"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and json.loads((tmp_path / "summary" / "summary.json")
                                                                         .read_text())["runs"] == s.data["runs"]

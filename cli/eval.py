@@ -150,9 +150,10 @@ def echo_summary(s) -> None:
                f"malformed row), {s.generated} answers written, {s.reused} already there, "
                f"{s.generation_errors} generation errors, ECSO flagged {s.ecso_flagged}", err=True)
     if s.judge:
+        views = " and ".join({"text": "text alone", "pair": "image + text"}[v] for v in s.leakage_views)
+        leak = f"; leakage: {s.leakage_judged} verdicts ({views})" if s.leakage_judged else ""
         click.echo(f"[eval] judge {s.judge}: {s.judged} judged, {s.judge_errors} failed calls, {s.unparsed} "
-                   f"unparsable replies" + (f"; leakage: {s.leakage_judged} queries" if s.leakage_judged else ""),
-                   err=True)
+                   f"unparsable replies{leak}", err=True)
     for n in s.notes:
         click.echo(f"[eval] note: {n}", err=True)
     click.echo(f"[eval] {s.seconds:.1f} s; run folder {s.run_dir}", err=True)

@@ -113,11 +113,11 @@ PAPER_JUDGES = {
 }
 
 
-def judge_matches_paper(benchmark: str, judge_id: Optional[str]) -> tuple[bool, str]:
-    """(is it the paper's judge?, a sentence for the report header)."""
+def judge_matches_paper(benchmark: str, judge_id: Optional[str]) -> tuple[Optional[bool], str]:
+    """(is it the paper's judge? None when no paper table exists, a sentence for the report header)."""
     paper = PAPER_JUDGES.get(benchmark)
     if paper is None:
-        return True, ""
+        return None, "No paper's table exists for this set: nothing to compare with."
     if not judge_id:
         return False, f"No judge yet. The paper's judge: {paper.description}."
     prompt_set = "ecso" if judge_id.endswith("+ecso") or "+ecso+" in judge_id else "official"

@@ -134,7 +134,7 @@ def build_report(run_dir: str | Path, judge: Optional[str] = None) -> Report:
         data["judge_statement"] = ("Scored by MME's calculation.py rules (as the paper): no judge model."
                                    if bench == "mme" else
                                    f"Refusals found by the rule judge's refusal patterns ({rule}).")
-        data["judge_is_paper"] = bench == "mme"
+        data["judge_is_paper"] = True if bench == "mme" else None  # a benign set has no paper's table
     else:
         data["cells"], data["modes"] = _safety_cells(samples, defenses, responses, judgments, judge_id, mmsb)
         data["judge_is_paper"], data["judge_statement"] = judge_matches_paper(bench, judge_id)

@@ -203,7 +203,7 @@ def render_summary(data: dict) -> str:
         delta = None if v.get("none") is None or v.get("ecso") is None else round(v["ecso"] - v["none"], 2)
         rows.append([TITLES.get(r["benchmark"], r["benchmark"]) + f" ({r['kind']})", r["metric"], _f(v.get("none")),
                      _f(v.get("ecso")), _f(delta), _f(r["ecso_flag_rate"]), str(r["n_samples"]),
-                     "paper's" if r["judge_is_paper"] else "**not the paper's**"])
+                     {True: "paper's", False: "**not the paper's**"}.get(r["judge_is_paper"], "no paper")])
     out = ["# Safety and utility, with and without ECSO", "",
            "Each row is one run folder; values are per defense over that run's samples. Safety: higher = safer. "
            "Utility: higher = more helpful; ECSO's flag rate on benign inputs is how often step 2 fired where it "
@@ -275,7 +275,7 @@ def plot_report(data: dict, path: Path) -> Optional[str]:
                              for d in defenses}, "harmless / safe rate (%)", 100)
             judge = data["judge"] or "none"
             ax.set_title(title + (f" · {mode}" if mode else "") + f"\njudge {judge[:50]}"
-                         + ("" if data.get("judge_is_paper") else " (not the paper's)"), fontsize=8)
+                         + (" (not the paper's)" if data.get("judge_is_paper") is False else ""), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -291,8 +291,8 @@ def plot_summary(data: dict, path: Path) -> Optional[str]:
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         runs = [r for r in data["runs"] if r["kind"] == kind]
-        labels = [f"{TITLES.get(r['benchmark'], r['benchmark'])}" + ("" if r["judge_is_paper"] else "*") +
-                  f"\n{r['n_samples']} samples" for r in runs]
+        labels = [TITLES.get(r["benchmark"], r["benchmark"]) + ("*" if r["judge_is_paper"] is False else "")
+                  + f"\n{r['n_samples']} samples" for r in runs]
         series = {}
         for d in ("none", "ecso"):
             if any(d in r["values"] for r in runs):
@@ -301,7 +301,7 @@ def plot_summary(data: dict, path: Path) -> Optional[str]:
         series["ECSO flag rate"] = [r["ecso_flag_rate"] for r in runs]
         _bars(ax, labels, series, "% (utility: % of max score)" if kind == "utility" else "harmless / safe rate %",
               100)
-        starred = any(not r["judge_is_paper"] for r in runs)
+        starred = any(r["judge_is_paper"] is False for r in runs)
         ax.set_title(("Safety" if kind == "safety" else "Utility (benign inputs)") +
                      (" · * judge not the paper's" if starred else ""), fontsize=9)
     fig.tight_layout()

@@ -165,4 +165,4 @@ def test_benign_set_reports_flag_rate_and_over_refusal(tmp_path, street_png):
 
     refused = sum(RuleJudge().classify(responses[f"{i}|none"]["answer"])[0] == "refusal" for i in "abc")
     assert all_row["none"]["refused"] == refused
-    assert "## Over-refusal on benign inputs" in r.stdout
+    assert "## Over-refusal on benign inputs" in r.stdout and report["judge_is_paper"] is None  # no paper's table

@@ -36,7 +36,7 @@ def selection_options(f: Callable) -> Callable:
         click.option("--limit", type=int, default=None, help="Only the first N samples of the selection."),
         click.option("--category", "--scenario", "categories", multiple=True,
                      help="Repeatable or comma-separated. MM-SafetyBench scenarios by name, number ('01') or "
-                          "'ecso' (the paper's 01-07 + 09); VLSBench categories or sub-categories."),
+                          "'ecso' (the paper's 01-07 + 09); VLSBench categories or sub-categories; MME subtasks."),
         click.option("--mode", "modes", multiple=True, type=click.Choice(["SD", "SD_TYPO", "TYPO", "text"]),
                      help="MM-SafetyBench image modes (repeatable; default SD, SD_TYPO, TYPO). text: the original "
                           "question without an image."),

@@ -84,7 +84,7 @@ class BadModels:
 
 def bad_models(workdir: Path, llm: str) -> BadModels:
     from ecso.export.gguf_write import VisionParams, write_mmproj
-    from ecso.models.demo import _demo_tower_weights
+    from ecso.models.demo import demo_tower_weights
 
     workdir.mkdir(parents=True, exist_ok=True)
     truncated, not_gguf, foreign = workdir / "truncated.gguf", workdir / "not-a-model.gguf", workdir / "foreign.gguf"
@@ -94,7 +94,7 @@ def bad_models(workdir: Path, llm: str) -> BadModels:
     not_gguf.write_bytes(b"PK\x03\x04 this is a zip, not a GGUF model" + bytes(4096))
     import numpy as np
 
-    w = _demo_tower_weights(224)
+    w = demo_tower_weights(224)
     rng = np.random.Generator(np.random.PCG64(64))
     w["projector.linear_1.weight"] = rng.standard_normal((64, 32)).astype(np.float32) * 0.1
     w["projector.linear_1.bias"] = np.zeros(64, np.float32)

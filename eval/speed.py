@@ -83,7 +83,7 @@ def run_bench(engine: Engine, image, repeats: int = 5, max_tokens: int = 64, que
     say = progress or (lambda msg: None)
     base = dict(max_tokens=max_tokens, caption_max_tokens=max_tokens, judge_max_tokens=8)
     loaded = engine.load_image(image)
-    img_tokens = engine._image_entry(loaded).n_pos
+    img_tokens = engine.image_entry(loaded).n_pos
     rep = BenchReport(engine.config.model, engine.config.mmproj, img_tokens, max_tokens, repeats)
     samples: dict[str, list[float]] = {}
     encodes: dict[str, list[int]] = {}

@@ -12,6 +12,7 @@ callers that chain primitives (the ECSO runner, the server) hold it for the whol
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import os
 import threading
@@ -22,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ecso.runtime.errors import ContextOverflowError, EngineError, InputError, ModelError
+from ecso.runtime.errors import Cancelled, ContextOverflowError, EngineError, InputError, ModelError
 from ecso.runtime.images import (CachedEmbedding, EmbeddingCache, ImageLimits, ImageSource, LoadedImage,
                                  file_fingerprint, load_image)
 from ecso.runtime.kv import ImagePiece, Piece, PrefixCache, TextPiece, n_positions, suffix_after
@@ -145,6 +146,7 @@ class Engine:
         # Optional hook called for every evaluation: ("text", tokens, pos0) or ("image", n_pos, pos0). Tests use it to
         # check the tokens each step actually evaluates; apps can use it for tracing. Must not call the engine.
         self.observer: Optional[Callable[[str, object, int], None]] = None
+        self._should_cancel: Optional[Callable[[], bool]] = None  # set only inside `cancellable` (see there)
         self.image_cache = EmbeddingCache(config.image_cache_entries)
         self.chat_format = self._choose_chat_format()
         self._specials = self._special_texts()
@@ -329,14 +331,14 @@ class Engine:
         pieces: list[Piece] = [TextPiece(tuple(self.tokenize(rendered.head, add_special=True)))]
         images: dict[str, CachedEmbedding] = {}
         if image is not None:
-            entry = self._image_entry(image)
+            entry = self.image_entry(image)
             key = self.image_key(image)
             images[key] = entry
             pieces.append(ImagePiece(key, entry.n_tokens, entry.n_pos))
         pieces.append(TextPiece(tuple(self.tokenize(rendered.tail, add_special=False))))
         return Prompt(pieces, images), rendered
 
-    def _image_entry(self, image: LoadedImage) -> CachedEmbedding:
+    def image_entry(self, image: LoadedImage) -> CachedEmbedding:
         """The cached entry for an image, or a new one holding its preprocessed chunk (not yet encoded)."""
         key = self.image_key(image)
         hit = self.image_cache.get(key)
@@ -381,6 +383,23 @@ class Engine:
         ptr = M.mtmd_get_output_embd(self._mctx)
         return np.ctypeslib.as_array(ptr, shape=(entry.n_tokens * self.n_embd,)).copy()
 
+    # ---------------------------------------------------------------------------------------------- cancellation
+    @contextlib.contextmanager
+    def cancellable(self, should_cancel: Optional[Callable[[], bool]]):
+        """While the block runs (holding the lock), `should_cancel()` is checked before each image encode, each
+        decode batch and each generated token; when it returns True the work stops with `Cancelled`. This is how a
+        server frees the engine promptly when its client leaves, even mid-prefill or mid-judge."""
+        with self.lock:
+            outer, self._should_cancel = self._should_cancel, should_cancel
+            try:
+                yield
+            finally:
+                self._should_cancel = outer
+
+    def _check_cancel(self) -> None:
+        if self._should_cancel is not None and self._should_cancel():
+            raise Cancelled("the request was cancelled")
+
     # ---------------------------------------------------------------------------------------------- KV + decode
     def check_budget(self, prompt: Prompt, max_tokens: int, what: str = "prompt") -> None:
         need = prompt.n_pos + max_tokens
@@ -423,6 +442,7 @@ class Engine:
             encodes, t_enc = 0, 0.0
             pos = keep
             for piece in suffix_after(prompt.pieces, keep):
+                self._check_cancel()
                 if isinstance(piece, TextPiece):
                     self._decode_text(piece.tokens, pos, logits_all, logits_out)
                 else:
@@ -447,6 +467,7 @@ class Engine:
         if self.observer is not None:
             self.observer("text", tuple(tokens), pos0)
         for start in range(0, n, self.n_batch):
+            self._check_cancel()
             part = tokens[start:start + self.n_batch]
             b.n_tokens = len(part)
             for i, tok in enumerate(part):

@@ -26,7 +26,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 from tqdm import tqdm
 
@@ -171,7 +171,7 @@ def rss_bytes(pid: int) -> int:
 class Reply:
     status: int
     body: bytes
-    headers: dict
+    headers: Mapping[str, str]
 
     def json(self) -> dict:
         try:
@@ -197,7 +197,7 @@ def request(port: int, method: str, path: str, body: object = None, *, api_key: 
         h.update(headers or {})
         conn.request(method, path, body=data, headers=h)
         r = conn.getresponse()
-        return Reply(r.status, r.read(), dict(r.getheaders()))
+        return Reply(r.status, r.read(), r.headers)  # case-insensitive names
     finally:
         conn.close()
 

@@ -418,15 +418,16 @@ class _Exchange:
     async def sse(self, first: list, gone: asyncio.Future) -> AsyncIterator[dict]:
         """The SSE stream. If the client leaves (sse-starlette cancels this generator, or `gone` fires while a step
         runs silently), the job is cancelled at its next decode batch."""
+        ended = False  # the stream ran to its end (else the client left: sse-starlette cancelled us, or `gone`)
         try:
             yield self._data(self.ids.chunk(Delta(role="assistant", content="")).dump())
             pending = list(first)
             while True:
                 ev = pending.pop(0) if pending else await self.job.next(gone)
                 if ev is None:
-                    self.state.count("cancelled")
                     return
                 if isinstance(ev, _End):
+                    ended = True
                     if ev.error is not None:  # headers are out: the error goes in the stream (openai raises it)
                         err = api_error_from(ev.error)
                         self.state.count("failed" if err.status >= 500 else "bad_requests")
@@ -442,9 +443,12 @@ class _Exchange:
                     if self.req.include_usage:
                         yield self._data(self.ids.chunk(None, usage=usage(r)).dump())
                     yield {"data": "[DONE]"}
+                    ended = True
                     self.state.count("answered")
+                    return
         finally:
-            if not self.job.finished.is_set():
+            if not ended:
+                self.state.count("cancelled")
                 self.job.cancel()
             gone.cancel()
 

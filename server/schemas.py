@@ -121,7 +121,7 @@ def _field_path(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" in part or part in _TYPE_TAGS or part == prev:
+        elif "[" in part or part in _TYPE_TAGS or part[:1].isupper() or part == prev:  # union member tags
             continue
         else:
             out += ("." if out else "") + part

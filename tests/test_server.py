@@ -272,3 +272,26 @@ def test_remote_images_only_from_allowed_domains_and_without_redirects():
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_serve_without_the_server_extra_says_what_to_install():
+    from conftest import run_python
+
+    r = run_python("import sys; sys.modules['sse_starlette'] = None  # as if the server extra were not installed\n"
+                   "sys.argv = ['ecso', 'serve', '--port', '0']\n"
+                   "from ecso.cli.main import main; main()")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0] == "ecso: error: ecso serve needs the server extra (sse_starlette not installed): " \
+                       "pip install 'ecso[server]'"
+
+
+def test_validation_errors_name_the_field_in_openai_style(server):
+    bad = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 3}}]}]}
+    r = request(server.port, "POST", "/v1/chat/completions", bad)
+    err = r.json()["error"]
+    assert r.status == 400 and err["type"] == "invalid_request_error"
+    assert err["param"] == "messages[0].content[0].image_url.url" and err["message"].startswith(err["param"] + ":")
+    r = request(server.port, "POST", "/v1/chat/completions",
+                {"messages": [{"role": "robot", "content": "hi"}]})
+    assert r.status == 400 and r.json()["error"]["param"] == "messages[0].role"

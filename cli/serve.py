@@ -82,8 +82,8 @@ def command(host, port, api_key, model_name, max_tokens, judge, decision_rule, s
                         allow_domains=tuple(allow_domain))
     config = ServerConfig(host=host, port=port, model_name=name, api_key=api_key or None,
                           max_body_bytes=int(max_body_mb * 1024 * 1024), max_waiting=max_waiting,
-                          queue_timeout=queue_timeout, read_timeout=read_timeout, stream_mode=stream_mode, allowed_hosts=tuple(allow_host),
-                          media=media, log=not quiet)
+                          queue_timeout=queue_timeout, read_timeout=read_timeout, stream_mode=stream_mode,
+                          allowed_hosts=tuple(allow_host), media=media, log=not quiet)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
     with Engine(cfg) as engine:
         server = EcsoServer(engine, options, config)

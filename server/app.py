@@ -149,6 +149,7 @@ class Job:
         self.finished = asyncio.Event()
 
     def start(self) -> None:
+        self.state.jobs.add(self)
         threading.Thread(target=self._work, name="ecso-request", daemon=True).start()
 
     def cancel(self) -> None:
@@ -173,6 +174,7 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
 
     def _done(self, error: Optional[BaseException]) -> None:
+        self.state.jobs.discard(self)
         self.state.queue.leave()
         self.finished.set()
         self.events.put_nowait(_End(error))
@@ -204,6 +206,7 @@ class ServerState:
     stats: ServerStats = field(default_factory=ServerStats)
     created: int = field(default_factory=lambda: int(time.time()))
     decoding: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    jobs: set = field(default_factory=set)  # running Jobs (at most one), cancelled when the server stops
 
     @property
     def fingerprint(self) -> str:

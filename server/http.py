@@ -146,8 +146,13 @@ class EcsoServer:
         return self
 
     def serve_forever(self) -> None:
-        """Blocks until SIGINT/SIGTERM (on the main thread) or `close()`."""
-        self._server.run(sockets=[self._sock])
+        """Blocks until SIGINT/SIGTERM (on the main thread) or `close()`; a request still running is cancelled, so
+        the engine is free when this returns (or soon after: at its next decode batch)."""
+        try:
+            self._server.run(sockets=[self._sock])
+        finally:
+            for job in list(self.state.jobs):
+                job.cancel()
 
     def close(self) -> None:
         """Stops accepting requests and closes the socket (the engine is the caller's)."""

@@ -115,7 +115,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
 
 
 def _field_path(loc: tuple) -> str:
-    """('messages', 0, 'content', 'list[...]', 1, 'image_url', 'image_url', 'url') -> messages[0].content[1].image_url.url"""
+    """pydantic's loc -> `messages[0].content[1].image_url.url` (union member tags such as 'str' dropped)."""
     out = ""
     prev = None
     for part in loc:

@@ -54,7 +54,7 @@ def test_cancel_hook_stops_mid_prefill_and_leaves_the_engine_consistent(engine):
     checks = []
 
     def cancel_on_the_fifth_check() -> bool:
-        checks.append(engine.kv.n_pos)
+        checks.append(engine.n_past)
         return len(checks) >= 5
 
     with pytest.raises(Cancelled):
@@ -85,7 +85,7 @@ def test_disconnect_during_the_answer_prefill_frees_the_engine_at_once(server, e
     finally:
         engine.observer = None
     print(f"\n[disconnect mid-prefill] engine released {released:.3f} s after the client left")
-    assert engine.kv.n_pos < pos0 + n  # the query's prefill never completed: it was stopped between batches
+    assert engine.n_past < pos0 + n  # the query's prefill never completed: it was stopped between batches
     assert released < 2.0, released
     after = server.health()["counts"]
     assert after["cancelled"] == before["cancelled"] + 1 and after["answered"] == before["answered"]

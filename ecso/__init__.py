@@ -20,7 +20,7 @@ __path__ = extend_path(__path__, __name__)
 if TYPE_CHECKING:
     from ecso.runtime import Ecso
 
-__all__ = ["load", "Ecso", "EcsoOptions", "EngineConfig", "Heads", "Result", "StepEvent"]
+__all__ = ["load", "Ecso", "EcsoOptions", "EngineConfig", "Heads", "Result", "StepEvent", "EcsoError"]
 _RUNTIME_NAMES = frozenset(__all__) - {"load"}
 
 

@@ -41,12 +41,16 @@ def run_in_terminal(args: list[str], timeout: float = 300) -> tuple[int, str]:
     return code, out.decode("utf-8", errors="replace").replace("\r\n", "\n")
 
 
-def readme_first_command() -> list[str]:
-    """The Quick start's first command, after `pip install ... &&`."""
+def readme_commands() -> list[list[str]]:
+    """The `ecso-run` command lines of the README's bash blocks, in order (after any `pip install ... &&`)."""
     text = (REPO / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
-    line = next(ln for ln in block.splitlines() if "ecso-run" in ln)
-    return shlex.split(line.split("&&", 1)[1])
+    lines = [ln for block in re.findall(r"```bash\n(.*?)```", text, re.S) for ln in block.splitlines()
+             if "ecso-run " in ln]
+    return [shlex.split(ln.split("&&", 1)[-1].split("#")[0]) for ln in lines]
+
+
+def readme_first_command() -> list[str]:
+    return readme_commands()[0]
 
 
 def test_readme_first_command_ends_with_the_status_line_on_a_terminal():
@@ -90,11 +94,11 @@ def test_always_unsafe_judge_runs_all_four_steps_and_is_recorded():
     assert d["caption"] and d["answer"] and d["image_encodes"] == 1
 
 
-def test_unsafe_path_on_a_terminal_says_so_in_the_status_line():
-    code, shown = run_in_terminal(["ecso-run", "--image", STREET, "--max-tokens", "12", "--judge", "always-unsafe",
-                                   "What is happening in this picture?"])
+def test_readme_unsafe_path_demo_shows_all_four_steps():
+    args = next(c for c in readme_commands() if "always-unsafe" in c)
+    code, shown = run_in_terminal(args)
     assert code == 0, shown
     assert "[judged unsafe: answering again without the image]" in shown
     last = shown.strip().splitlines()[-1]
     assert STATUS.match(last) and "steps answer → judge → caption → regenerate" in last, last
-    assert "verdict forced" in last
+    assert "verdict forced" in last and "1 image encode " in last

@@ -102,3 +102,13 @@ def test_readme_unsafe_path_demo_shows_all_four_steps():
     last = shown.strip().splitlines()[-1]
     assert STATUS.match(last) and "steps answer → judge → caption → regenerate" in last, last
     assert "verdict forced" in last and "1 image encode " in last
+
+
+def test_verbosity_is_shared_llama_logs_only_from_vv(demo_files):
+    """Every command builds its engine through engine_config: -v alone never turns on llama.cpp's logs."""
+    from ecso.cli.common import engine_config
+
+    base = dict(model="demo", mmproj=None, n_ctx=512, n_gpu_layers=0, no_mmproj_gpu=False, threads=None,
+                flash_attn=None, chat_format="auto")
+    assert [engine_config(**base, verbose=v).verbose for v in (0, 1, 2, 3)] == [False, False, True, True]
+    assert engine_config(**base, verbose=0).model == demo_files[0]

@@ -3,6 +3,7 @@ editable and as a plain `pip install .`, imported from inside and outside the so
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import site
@@ -12,7 +13,7 @@ import sys
 import pytest
 
 import ecso
-from conftest import EXAMPLES, REPO
+from conftest import EXAMPLES, REPO, run_cli
 from ecso.runtime import InputError, ModelError
 
 STREET = str(EXAMPLES / "street.png")
@@ -35,6 +36,13 @@ def test_load_export_folder_takes_the_pair_and_the_chat_format_from_it(tiny):
         assert model.engine.config.chat_format == "llava-1.5"  # from ecso.json
         r = model.run(STREET, "What is this?")
         assert r.image_encodes == 1 and [s.name for s in r.steps][:2] == ["answer", "judge"]
+
+
+def test_cli_model_option_takes_an_export_folder_too(tiny):
+    r = run_cli("ecso-run", "--model", str(tiny.llm.parent), "--image", STREET, "--max-tokens", "4", "--json", "Hi?")
+    assert r.returncode == 0, r.stderr
+    engine = json.loads(r.stdout)["engine"]
+    assert engine["model"] == str(tiny.llm) and engine["mmproj"] == str(tiny.mmproj)
 
 
 def test_load_gguf_path_with_mmproj(demo_files):

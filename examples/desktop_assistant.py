@@ -138,7 +138,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     view = ConsoleView()
-    with ecso.load(args.model, args.mmproj, max_tokens=args.max_tokens, n_ctx=2048) as model:
+    with ecso.load(args.model, args.mmproj, max_tokens=args.max_tokens, caption_max_tokens=args.max_tokens,
+                   n_ctx=2048) as model:
         assistant = Assistant(model, view.on_event)
         question = "What is happening in this picture?"
 

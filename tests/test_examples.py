@@ -40,7 +40,7 @@ def import_example(name: str):
 
 @pytest.fixture(scope="module")
 def demo_model():
-    with ecso.load("demo", max_tokens=12, n_ctx=2048) as model:
+    with ecso.load("demo", max_tokens=12, caption_max_tokens=12, n_ctx=2048) as model:
         yield model
 
 

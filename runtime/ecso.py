@@ -23,7 +23,9 @@ from ecso.runtime.kv import TextPiece, aligned_to
 from ecso.runtime.prompts import (APPEND_JUDGE_PROMPT, DECISION_RULES, PROMPT_VERSION, TELL_RESPONSE_CHARS, Message,
                                   cap_prompt, gen_prompt, is_unsafe_reply, tell_prompt)
 
-JUDGES = ("paper", "logit", "append", "append-logit")
+# always-unsafe: for demonstrations and tests of the unsafe path: the paper's judge runs and its reply is recorded,
+# but the verdict is always unsafe, so steps 3 and 4 always run (Result.judge says "always-unsafe")
+JUDGES = ("paper", "logit", "append", "append-logit", "always-unsafe")
 _YES = ("yes", "Yes", "YES", " yes", " Yes")
 _NO = ("no", "No", "NO", " no", " No")
 
@@ -386,7 +388,7 @@ class _Request:
             reply = "yes" if v.unsafe else "no"
             self.end(trace, reply)
             return bool(v.unsafe), reply, float(v.score)
-        if o.judge in ("paper", "logit"):
+        if o.judge in ("paper", "logit", "always-unsafe"):
             prompt = self.prompts.judge(answer1)
         else:  # append: the question goes after the answer already in the cache
             prompt = self.prompts.appended(p1, first.tokens, answer1, APPEND_JUDGE_PROMPT)
@@ -405,7 +407,7 @@ class _Request:
                 trace.finish_reason = "decided"
             reply = g.text.strip()
             score = None
-            unsafe = is_unsafe_reply(reply, o.decision_rule)
+            unsafe = o.judge == "always-unsafe" or is_unsafe_reply(reply, o.decision_rule)
         self.end(trace, reply)
         return unsafe, reply, score
 

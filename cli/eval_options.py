@@ -6,6 +6,8 @@ from typing import Callable, Optional
 
 import click
 
+from ecso.runtime.ecso import JUDGES as SELF_JUDGES
+
 from ecso.cli.common import engine_config
 
 BENCH_HELP = ("mm-safetybench (alias mmsb), vlsafe, vlsbench, custom (a JSONL of {id, image, query, category}); "
@@ -53,7 +55,7 @@ def generation_options(f: Callable) -> Callable:
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy (the paper)."),
         click.option("--top-p", type=float, default=1.0, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--self-judge", type=click.Choice(["paper", "logit", "append", "append-logit"]),
+        click.option("--self-judge", type=click.Choice(SELF_JUDGES),
                      default="paper", show_default=True, help="ECSO's step-2 self-judge (see `ecso-run --help`)."),
         click.option("--rule", "decision_rule", type=click.Choice(["exact", "contains"]), default="exact",
                      show_default=True, help="How the self-judge's reply is read (exact = the paper)."),

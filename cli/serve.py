@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from ecso.runtime.ecso import JUDGES as SELF_JUDGES
+
 from ecso.cli.common import engine_config, friendly_errors, model_options
 
 
@@ -23,7 +25,7 @@ from ecso.cli.common import engine_config, friendly_errors, model_options
               help="Model id shown to clients (default: the registry name or the GGUF file stem).")
 @click.option("--max-tokens", type=int, default=512, show_default=True,
               help="Answer length when a request gives no max_tokens.")
-@click.option("--judge", type=click.Choice(["paper", "logit", "append", "append-logit"]), default="paper",
+@click.option("--judge", type=click.Choice(SELF_JUDGES), default="paper",
               show_default=True, help="Default judge (a request may override it with \"ecso\": {\"judge\": ...}).")
 @click.option("--rule", "decision_rule", type=click.Choice(["exact", "contains"]), default="exact",
               show_default=True, help="How the judge's reply is read (exact = the paper's rule).")

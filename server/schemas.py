@@ -11,9 +11,11 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ecso.runtime.ecso import JUDGES as RUNTIME_JUDGES
+
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 Number = Annotated[float, Field(strict=True)]
-JUDGES = Literal["paper", "logit", "append", "append-logit"]
+JUDGES = Literal[RUNTIME_JUDGES]  # the runtime's list: one place for the judge names
 
 
 class ApiError(Exception):

@@ -31,6 +31,11 @@ from ecso.runtime.prompts import (ChatFormat, JinjaFormat, Llava15Format, Messag
                                   neutralize_specials)
 
 
+# mmproj projector types (`clip.projector_type`) proven end to end on tiny converted checkpoints (tests/test_families.py)
+PROVEN_PROJECTORS = ("mlp (LLaVA-1.5)", "qwen2vl_merger (Qwen2-VL)", "qwen2.5vl_merger (Qwen2.5-VL)",
+                     "gemma3 (Gemma 3)", "idefics3 (SmolVLM / Idefics3)")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How to load and run a model. Defaults suit a laptop; GPU offload is on when the build has a GPU backend."""
@@ -75,6 +80,11 @@ class Prompt:
     def n_pos(self) -> int:
         return n_positions(self.pieces)
 
+    @property
+    def n_cells(self) -> int:
+        """KV cells the prompt fills: more than n_pos when an M-RoPE image packs several tokens per position."""
+        return sum(p.n_tokens if isinstance(p, ImagePiece) else p.n_pos for p in self.pieces)
+
 
 @dataclass
 class PrefillStats:
@@ -97,14 +107,26 @@ class Generation:
 class _ImageChunk:
     """Owns one copied mtmd image chunk; freed when the last reference goes."""
 
-    def __init__(self, ptr, mtmd):
+    def __init__(self, ptr, mtmd, n_tokens: int, n_pos: int):
         self.ptr = ptr
         self._mtmd = mtmd
+        self.n_tokens, self.n_pos = n_tokens, n_pos
 
     def __del__(self):
         if self.ptr:
             self._mtmd.mtmd_input_chunk_free(self.ptr)
             self.ptr = None
+
+
+@dataclass
+class _MediaBlock:
+    """Everything mtmd made of one image, in order: text token tuples (the family's markers) and image chunks."""
+
+    parts: list  # tuple[int, ...] | _ImageChunk
+
+    @property
+    def images(self) -> list[_ImageChunk]:
+        return [p for p in self.parts if isinstance(p, _ImageChunk)]
 
 
 class Engine:
@@ -198,8 +220,10 @@ class Engine:
                 p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
             self._mctx = M.mtmd_init_from_file(str(cfg.mmproj).encode(), self._model, p)
             if not self._mctx:
-                raise ModelError(f"llama.cpp could not load the mmproj {cfg.mmproj} with this model (corrupt file, "
-                                 "or a projector made for another model); run with -v for details")
+                kind = self.mmproj_info.get("clip.projector_type") if self.mmproj_info is not None else None
+                raise ModelError(f"llama.cpp could not load the mmproj {cfg.mmproj} (projector {kind!r}) with this "
+                                 "model: corrupt, made for another model, or a family this llama.cpp cannot run; "
+                                 f"proven with ecso: {', '.join(PROVEN_PROJECTORS)}; run with -v for llama.cpp's reason")
             if not M.mtmd_support_vision(self._mctx):
                 raise ModelError(f"{cfg.mmproj} has no vision encoder")
 
@@ -356,16 +380,27 @@ class Engine:
             rc = M.mtmd_tokenize(self._mctx, chunks, ctypes.byref(text), bitmaps, 1)
             if rc != 0:
                 raise InputError(f"llama.cpp could not preprocess image {image.source} (mtmd_tokenize={rc})")
-            chunk = None
+            parts: list = []
             for i in range(M.mtmd_input_chunks_size(chunks)):
                 c = M.mtmd_input_chunks_get(chunks, i)
-                if M.mtmd_input_chunk_get_type(c) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                    chunk = c
-            if chunk is None:
+                kind = M.mtmd_input_chunk_get_type(c)
+                if kind == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t()
+                    toks = M.mtmd_input_chunk_get_tokens_text(c, ctypes.byref(n))
+                    if n.value:
+                        parts.append(tuple(toks[j] for j in range(n.value)))
+                elif kind == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    parts.append(_ImageChunk(M.mtmd_input_chunk_copy(c), M, M.mtmd_input_chunk_get_n_tokens(c),
+                                             M.mtmd_input_chunk_get_n_pos(c)))
+                else:
+                    raise InputError(f"llama.cpp turned image {image.source} into a non-image chunk; this mmproj "
+                                     "is not a vision projector ecso supports")
+            block = _MediaBlock(parts)
+            if not block.images:
                 raise InputError(f"llama.cpp produced no image tokens for {image.source}")
-            owned = _ImageChunk(M.mtmd_input_chunk_copy(chunk), M)
-            entry = CachedEmbedding(owned, None, M.mtmd_input_chunk_get_n_tokens(chunk),
-                                    M.mtmd_input_chunk_get_n_pos(chunk))
+            cells = sum(p.n_tokens if isinstance(p, _ImageChunk) else len(p) for p in parts)
+            n_pos = sum(p.n_pos if isinstance(p, _ImageChunk) else len(p) for p in parts)
+            entry = CachedEmbedding(block, None, cells, n_pos)
         finally:
             M.mtmd_input_chunks_free(chunks)
             M.mtmd_bitmap_free(bitmap)
@@ -373,21 +408,25 @@ class Engine:
         self.image_cache.put(key, entry)
         return entry
 
-    def _encode(self, entry: CachedEmbedding) -> np.ndarray:
+    def _encode(self, entry: CachedEmbedding) -> list[np.ndarray]:
+        """Runs the vision encoder on every image chunk of the block (SmolVLM: each tile) — once per image."""
         M = self._M
-        rc = M.mtmd_encode_chunk(self._mctx, entry.chunk.ptr)
-        if rc != 0:
-            raise EngineError(f"the vision encoder failed (mtmd_encode_chunk={rc})")
-        ptr = M.mtmd_get_output_embd(self._mctx)
-        return np.ctypeslib.as_array(ptr, shape=(entry.n_tokens * self.n_embd,)).copy()
+        out = []
+        for img in entry.chunk.images:
+            rc = M.mtmd_encode_chunk(self._mctx, img.ptr)
+            if rc != 0:
+                raise EngineError(f"the vision encoder failed (mtmd_encode_chunk={rc})")
+            ptr = M.mtmd_get_output_embd(self._mctx)
+            out.append(np.ctypeslib.as_array(ptr, shape=(img.n_tokens * self.n_embd,)).copy())
+        return out
 
     # ---------------------------------------------------------------------------------------------- KV + decode
     def check_budget(self, prompt: Prompt, max_tokens: int, what: str = "prompt") -> None:
-        need = prompt.n_pos + max_tokens
+        need = prompt.n_cells + max_tokens
         if need > self.n_ctx:
-            img = sum(p.n_pos for p in prompt.pieces if isinstance(p, ImagePiece))
+            img = sum(p.n_tokens for p in prompt.pieces if isinstance(p, ImagePiece))
             raise ContextOverflowError(
-                f"{what} needs {prompt.n_pos} positions ({img} for the image) + {max_tokens} new tokens = {need}, "
+                f"{what} needs {prompt.n_cells} tokens ({img} for the image) + {max_tokens} new tokens = {need}, "
                 f"more than the context of {self.n_ctx}; use a shorter query, fewer --max-tokens or a larger --ctx")
 
     def reset(self) -> None:
@@ -463,18 +502,30 @@ class Engine:
                     ptr = L.llama_get_logits_ith(self._ctx, i)
                     logits_out.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
 
-    def _decode_image(self, entry: CachedEmbedding, embd: np.ndarray, pos: int) -> None:
+    def _decode_image(self, entry: CachedEmbedding, embd: list[np.ndarray], pos: int) -> None:
+        """Decodes the image block: its marker tokens as text, each image chunk from its embeddings (mtmd sets the
+        positions: M-RoPE grids for Qwen2-VL, non-causal attention for Gemma 3)."""
         L, M = self._L, self._M
         if self.observer is not None:
             self.observer("image", entry.n_pos, pos)
-        new_n_past = L.llama_pos(0)
-        ptr = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        rc = M.mtmd_helper_decode_image_chunk(self._mctx, self._ctx, entry.chunk.ptr, ptr, pos, 0, self.n_batch,
-                                              ctypes.byref(new_n_past), M.mtmd_helper_post_decode_callback(), None)
-        if rc != 0:
-            self._fail_decode(rc)
-        if new_n_past.value != pos + entry.n_pos:
-            raise EngineError(f"image decode advanced to {new_n_past.value}, expected {pos + entry.n_pos}")
+        start = pos
+        arrays = iter(embd)
+        for part in entry.chunk.parts:
+            if not isinstance(part, _ImageChunk):
+                self._decode_text(part, pos)
+                pos += len(part)
+                continue
+            new_n_past = L.llama_pos(0)
+            ptr = next(arrays).ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            rc = M.mtmd_helper_decode_image_chunk(self._mctx, self._ctx, part.ptr, ptr, pos, 0, self.n_batch,
+                                                  ctypes.byref(new_n_past), M.mtmd_helper_post_decode_callback(), None)
+            if rc != 0:
+                self._fail_decode(rc)
+            if new_n_past.value != pos + part.n_pos:
+                raise EngineError(f"image decode advanced to {new_n_past.value}, expected {pos + part.n_pos}")
+            pos += part.n_pos
+        if pos != start + entry.n_pos:
+            raise EngineError(f"image block took {pos - start} positions, expected {entry.n_pos}")
 
     def _fail_decode(self, rc: int) -> None:
         self.reset()

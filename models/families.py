@@ -277,3 +277,46 @@ def build_family(family: str, out_dir: Path, vocab_cache=None) -> FamilyCheckpoi
     if family == "gemma3":
         return _build_gemma3(out, vocab_cache)
     return _build_smolvlm(out, vocab_cache)
+
+
+@dataclass(frozen=True)
+class ConvertedFamily:
+    """A tiny family converted by llama.cpp's own converter: HF folder + the GGUF pair made from it."""
+
+    family: str
+    hf: Path
+    llm: Path
+    mmproj: Path
+    architecture: str
+
+
+def converted_family(family: str, cache: Path | None = None, vocab_cache=None) -> ConvertedFamily:
+    """Builds and converts a tiny family once per machine: cached under a key made of this module's source hash
+    and the converter's sdist sha256, so a change to either rebuilds it (atomic: a half-made folder is never used)."""
+    import os
+    import shutil
+    import tempfile
+
+    from ecso.export.llamacpp_convert import SDIST_SHA256, convert, converter_dir, machine_cache_root
+
+    root = Path(cache) if cache else machine_cache_root()
+    key = f"{builder_fingerprint()}-{SDIST_SHA256[:12]}"
+    out = root / "tiny-families" / key / family
+    arch_file = out / "architecture"
+    if not arch_file.exists():
+        conv = converter_dir(root)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=out.parent))
+        try:
+            ck = build_family(family, tmp / "hf", vocab_cache)
+            convert(ck.hf, tmp / "llm.gguf", converter=conv)
+            convert(ck.hf, tmp / "mmproj.gguf", mmproj=True, converter=conv)
+            (tmp / "architecture").write_text(ck.architecture)
+            try:
+                os.replace(tmp, out)
+            except OSError:  # another process finished first
+                if not arch_file.exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ConvertedFamily(family, out / "hf", out / "llm.gguf", out / "mmproj.gguf", arch_file.read_text())

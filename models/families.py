@@ -178,8 +178,10 @@ def _build_qwen(out: Path, vocab_cache, v25: bool) -> FamilyCheckpoint:
     if v25:
         from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
 
+        # window 112 as every released Qwen2.5-VL: the converter does not write it and clip.cpp assumes 112
+        # (with 56 the image embeddings differed by 0.45); fullatt_block_indexes is required by the converter
         vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
                       fullatt_block_indexes=[1, 3], hidden_act="silu")
         arch = "Qwen2_5_VLForConditionalGeneration"
     else:

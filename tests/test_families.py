@@ -109,6 +109,43 @@ def test_text_logits_match_transformers(families, engines, family):
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
+# image embeddings, llama.cpp (clip.cpp) vs transformers' get_image_features, on an image no resize touches.
+# SmolVLM is left out: its embeddings differ (see README).
+EMBD_CASES = {"qwen2vl": (112, 1e-2), "qwen25vl": (224, 1e-2), "gemma3": (56, 5e-3)}
+
+
+@pytest.mark.parametrize("family", sorted(EMBD_CASES))
+def test_image_embeddings_match_transformers(families, engines, tmp_path, family):
+    import torch
+    import transformers
+    from PIL import Image
+
+    from ecso.runtime.prompts import Message
+
+    size, tol = EMBD_CASES[family]
+    c, e = families[family], engines[family]
+    path = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(3).random((size, size, 3)) * 255).astype("uint8")).save(path)
+    prompt, _ = e.build_prompt([Message("user", QUERY)], e.load_image(path))
+    ours = np.concatenate(e._encode(next(iter(prompt.images.values())))).reshape(-1, e.n_embd)
+    model = getattr(transformers, c.architecture).from_pretrained(str(c.hf), dtype=torch.float32).eval()
+    img = Image.open(path).convert("RGB")
+    with torch.no_grad():
+        if family == "gemma3":
+            px = transformers.Gemma3ImageProcessor.from_pretrained(str(c.hf))(images=[img], return_tensors="pt")
+            ref = model.model.get_image_features(px["pixel_values"])
+        else:  # HF's pixel budget pinned to the image's own size, so both sides see the same patches
+            proc = transformers.Qwen2VLImageProcessor.from_pretrained(str(c.hf), min_pixels=size * size,
+                                                                      max_pixels=size * size)
+            px = proc(images=[img], return_tensors="pt")
+            ref = torch.cat(list(model.model.get_image_features(px["pixel_values"], px["image_grid_thw"])))
+    ref = ref.reshape(-1, e.n_embd).numpy()
+    assert ours.shape == ref.shape
+    diff = float(np.abs(ours - ref).max())
+    print(f"\n{family}: {ours.shape[0]} image tokens, max |embedding diff| {diff:.2e} (std {ref.std():.2f})")
+    assert diff < tol
+
+
 def _expected_ids(family: str, c, engine, image_path: Path) -> list[int]:
     """The family's own prompt for [image, QUERY]: HF chat template + the processor's image expansion, with the
     number of image tokens llama.cpp chose (its resize policy is its own; see README)."""

@@ -296,3 +296,32 @@ def test_ecso_bench_runs_on_a_converted_family(families, tmp_path):
                 "--max-tokens", "4", "--json", str(out))
     assert r.returncode == 0, r.stderr[-500:]
     assert json.loads(out.read_text())
+
+
+def test_export_hf_cli_runs_the_pinned_converter(families, tmp_path):
+    """`ecso export hf` writes the same bytes as the converter the tests prove (f32)."""
+    import hashlib
+
+    from conftest import run_cli
+
+    c = families["smolvlm"]
+    r = run_cli("ecso", "export", "hf", str(c.hf), "--out", str(tmp_path / "out"), "--outtype", "f32")
+    assert r.returncode == 0, r.stderr[-500:]
+    digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
+    assert digest(tmp_path / "out" / "llm.gguf") == digest(c.llm)
+    assert digest(tmp_path / "out" / "mmproj.gguf") == digest(c.mmproj)
+    again = run_cli("ecso", "export", "hf", str(c.hf), "--out", str(tmp_path / "out"))
+    assert again.returncode != 0 and "--force" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_converter_refusal_is_one_line(converter, tmp_path):
+    """LLaVA-1.6 (LlavaNextForConditionalGeneration) is not in this converter's table: a clear one-line error."""
+    from ecso.export.llamacpp_convert import ConverterError, convert
+
+    hf = tmp_path / "llava-next"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["LlavaNextForConditionalGeneration"],
+                                                "model_type": "llava_next", "text_config": {"model_type": "llama"}}))
+    with pytest.raises(ConverterError, match="LlavaNextForConditionalGeneration") as err:
+        convert(hf, tmp_path / "x.gguf", converter=converter)
+    assert "\n" not in str(err.value)

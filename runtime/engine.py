@@ -34,12 +34,14 @@ from ecso.runtime.errors import ContextOverflowError, EngineError, InputError, M
 from ecso.runtime.images import (CachedEmbedding, EmbeddingCache, ImageLimits, ImageSource, LoadedImage,
                                  file_fingerprint, load_image)
 from ecso.runtime.kv import ImagePiece, Piece, PrefixCache, TextPiece, n_positions, suffix_after
+from ecso.runtime.media import ImageChunk, encode_block, tokenize_image
 from ecso.runtime.native import gpu_offload_supported, read_gguf_info, resolve_cpu_repack, set_native_logging
 from ecso.runtime.prompts import (ChatFormat, Message, MEDIA_MARKER, RenderedPrompt, chat_format_for,
                                   neutralize_specials)
 
 
-# mmproj projector types (`clip.projector_type`) proven end to end on tiny converted checkpoints (tests/test_families.py)
+# mmproj projector types (`clip.projector_type`) proven end to end on tiny converted checkpoints
+# (tests/test_families.py)
 PROVEN_PROJECTORS = ("mlp (LLaVA-1.5)", "qwen2vl_merger (Qwen2-VL)", "qwen2.5vl_merger (Qwen2.5-VL)",
                      "gemma3 (Gemma 3)", "idefics3 (SmolVLM / Idefics3)")
 
@@ -166,31 +168,6 @@ def _split_at(tokens: list[int], cut: int) -> list[Piece]:
     return [TextPiece(tuple(t)) for t in (tokens[:cut], tokens[cut:]) if t]
 
 
-class _ImageChunk:
-    """Owns one copied mtmd image chunk; freed when the last reference goes."""
-
-    def __init__(self, ptr, mtmd, n_tokens: int, n_pos: int):
-        self.ptr = ptr
-        self._mtmd = mtmd
-        self.n_tokens, self.n_pos = n_tokens, n_pos
-
-    def __del__(self):
-        if self.ptr:
-            self._mtmd.mtmd_input_chunk_free(self.ptr)
-            self.ptr = None
-
-
-@dataclass
-class _MediaBlock:
-    """Everything mtmd made of one image, in order: text token tuples (the family's markers) and image chunks."""
-
-    parts: list  # tuple[int, ...] | _ImageChunk
-
-    @property
-    def images(self) -> list[_ImageChunk]:
-        return [p for p in self.parts if isinstance(p, _ImageChunk)]
-
-
 class Engine:
     """A loaded model. Use as a context manager or call close(); see module docstring for thread safety."""
 
@@ -305,7 +282,8 @@ class Engine:
                 kind = self.mmproj_info.get("clip.projector_type") if self.mmproj_info is not None else None
                 raise ModelError(f"llama.cpp could not load the mmproj {cfg.mmproj} (projector {kind!r}) with this "
                                  "model: corrupt, made for another model, or a family this llama.cpp cannot run; "
-                                 f"proven with ecso: {', '.join(PROVEN_PROJECTORS)}; run with -v for llama.cpp's reason")
+                                 f"proven with ecso: {', '.join(PROVEN_PROJECTORS)}; "
+                                 "run with -v for llama.cpp's reason")
             if not M.mtmd_support_vision(self._mctx):
                 raise ModelError(f"{cfg.mmproj} has no vision encoder")
 
@@ -479,59 +457,14 @@ class Engine:
         hit = self.image_cache.get(key)
         if hit is not None:
             return hit
-        M = self._M
-        rgb = (ctypes.c_uint8 * len(image.rgb)).from_buffer_copy(image.rgb)
-        bitmap = M.mtmd_bitmap_init(image.width, image.height, rgb)
-        if not bitmap:
-            raise InputError(f"llama.cpp refused image {image.source} ({image.width}x{image.height})")
-        chunks = M.mtmd_input_chunks_init()
-        try:
-            text = M.mtmd_input_text()
-            marker = M.mtmd_default_marker()
-            text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
-            bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            rc = M.mtmd_tokenize(self._mctx, chunks, ctypes.byref(text), bitmaps, 1)
-            if rc != 0:
-                raise InputError(f"llama.cpp could not preprocess image {image.source} (mtmd_tokenize={rc})")
-            parts: list = []
-            for i in range(M.mtmd_input_chunks_size(chunks)):
-                c = M.mtmd_input_chunks_get(chunks, i)
-                kind = M.mtmd_input_chunk_get_type(c)
-                if kind == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    n = ctypes.c_size_t()
-                    toks = M.mtmd_input_chunk_get_tokens_text(c, ctypes.byref(n))
-                    if n.value:
-                        parts.append(tuple(toks[j] for j in range(n.value)))
-                elif kind == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                    parts.append(_ImageChunk(M.mtmd_input_chunk_copy(c), M, M.mtmd_input_chunk_get_n_tokens(c),
-                                             M.mtmd_input_chunk_get_n_pos(c)))
-                else:
-                    raise InputError(f"llama.cpp turned image {image.source} into a non-image chunk; this mmproj "
-                                     "is not a vision projector ecso supports")
-            block = _MediaBlock(parts)
-            if not block.images:
-                raise InputError(f"llama.cpp produced no image tokens for {image.source}")
-            cells = sum(p.n_tokens if isinstance(p, _ImageChunk) else len(p) for p in parts)
-            n_pos = sum(p.n_pos if isinstance(p, _ImageChunk) else len(p) for p in parts)
-            entry = CachedEmbedding(block, None, cells, n_pos)
-        finally:
-            M.mtmd_input_chunks_free(chunks)
-            M.mtmd_bitmap_free(bitmap)
-        del rgb
+        block = tokenize_image(self._M, self._mctx, image)
+        entry = CachedEmbedding(block, None, block.n_cells, block.n_pos)
         self.image_cache.put(key, entry)
         return entry
 
     def _encode(self, entry: CachedEmbedding) -> list[np.ndarray]:
-        """Runs the vision encoder on every image chunk of the block (SmolVLM: each tile) — once per image."""
-        M = self._M
-        out = []
-        for img in entry.chunk.images:
-            rc = M.mtmd_encode_chunk(self._mctx, img.ptr)
-            if rc != 0:
-                raise EngineError(f"the vision encoder failed (mtmd_encode_chunk={rc})")
-            ptr = M.mtmd_get_output_embd(self._mctx)
-            out.append(np.ctypeslib.as_array(ptr, shape=(img.n_tokens * self.n_embd,)).copy())
-        return out
+        """Every image chunk of the block encoded (one array per tile): once per image and request."""
+        return encode_block(self._M, self._mctx, entry.chunk, self.n_embd)
 
     # ---------------------------------------------------------------------------------------------- KV + decode
     @_public
@@ -626,7 +559,7 @@ class Engine:
         start = pos
         arrays = iter(embd)
         for part in entry.chunk.parts:
-            if not isinstance(part, _ImageChunk):
+            if not isinstance(part, ImageChunk):
                 self._decode_text(part, pos)
                 pos += len(part)
                 continue

@@ -94,7 +94,8 @@ def test_text_logits_match_transformers(families, engines, family):
     c = families[family]
     model = getattr(transformers, c.architecture).from_pretrained(str(c.hf), dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(c.hf))
-    text = "QUERY:\nHow do I bake bread?\n\nRESPONSE:\nMix flour and water.\n\nIs the RESPONSE harmful? Answer yes or no:"
+    text = ("QUERY:\nHow do I bake bread?\n\nRESPONSE:\nMix flour and water.\n\n"
+            "Is the RESPONSE harmful? Answer yes or no:")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     e = engines[family]
     assert e.tokenize(text, add_special=False) == ids  # same tokenizer on both sides
@@ -179,7 +180,7 @@ def _image_tokens(engine, image_path: Path) -> int:
 
 def _evaluated_ids(engine, image_path: Path, image_id: int) -> list[int]:
     """The ids our engine evaluates for step 1, image embeddings shown as the family's image token."""
-    from ecso.runtime.engine import _ImageChunk
+    from ecso.runtime.media import ImageChunk
     from ecso.runtime.kv import TextPiece
     from ecso.runtime.prompts import Message
 
@@ -190,7 +191,7 @@ def _evaluated_ids(engine, image_path: Path, image_id: int) -> list[int]:
             ids += piece.tokens
         else:
             for part in prompt.images[piece.key].chunk.parts:
-                ids += [image_id] * part.n_tokens if isinstance(part, _ImageChunk) else list(part)
+                ids += [image_id] * part.n_tokens if isinstance(part, ImageChunk) else list(part)
     return ids
 
 

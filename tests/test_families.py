@@ -111,7 +111,7 @@ def test_text_logits_match_transformers(families, engines, family):
 
 
 # image embeddings, llama.cpp (clip.cpp) vs transformers' get_image_features, on an image no resize touches.
-# SmolVLM is left out: its embeddings differ (see README).
+# SmolVLM: see test_smolvlm_image_embeddings_match_transformers_modules_with_positions_0_to_n.
 EMBD_CASES = {"qwen2vl": (112, 1e-2), "qwen25vl": (224, 1e-2), "gemma3": (56, 5e-3)}
 
 
@@ -145,6 +145,42 @@ def test_image_embeddings_match_transformers(families, engines, tmp_path, family
     diff = float(np.abs(ours - ref).max())
     print(f"\n{family}: {ours.shape[0]} image tokens, max |embedding diff| {diff:.2e} (std {ref.std():.2f})")
     assert diff < tol
+
+
+def test_smolvlm_image_embeddings_match_transformers_modules_with_positions_0_to_n(families, engines, tmp_path):
+    """transformers 4.57.6's Idefics3VisionEmbeddings bucketizes `i / n * (1 - 1e-6)`, which puts patch i at
+    position i - 1 (patches 0 and 1 share position 0); llama.cpp uses positions 0..n-1 like the original Idefics2/3
+    code. With transformers' own modules and positions 0..n-1 the embeddings match; with its forward they differ
+    (asserted, so a transformers change is noticed)."""
+    import torch
+    import transformers
+    from PIL import Image
+
+    from ecso.runtime.prompts import Message
+
+    c, e = families["smolvlm"], engines["smolvlm"]
+    path = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(3).random((112, 112, 3)) * 255).astype("uint8")).save(path)
+    prompt, _ = e.build_prompt([Message("user", QUERY)], e.load_image(path))
+    ours = np.stack(e._encode(next(iter(prompt.images.values()))))  # 5 tiles (2x2 + global) x 4 tokens x 64
+    model = transformers.Idefics3ForConditionalGeneration.from_pretrained(str(c.hf), dtype=torch.float32).eval()
+    px = transformers.Idefics3ImageProcessor.from_pretrained(str(c.hf))(
+        images=[Image.open(path).convert("RGB")], return_tensors="pt")["pixel_values"][0]
+    vm = model.model.vision_model
+    with torch.no_grad():
+        tiles_hf = model.model.get_image_features(px[None], torch.ones(1, *px.shape[:1], *px.shape[2:], dtype=torch.bool))
+        x = vm.embeddings.patch_embedding(px).flatten(2).transpose(1, 2)
+        x = x + vm.embeddings.position_embedding(torch.arange(x.shape[1]))[None]
+        x = vm.post_layernorm(vm.encoder(inputs_embeds=x).last_hidden_state)
+        tiles_ref = model.model.connector(x)
+    # the global image is resized (llama.cpp's resize vs PIL's), so only the four crops are compared
+    crops = ours[:4].reshape(4, 4, -1)
+    diff = float(np.abs(crops - tiles_ref[:4].numpy()).max())
+    hf_diff = float(np.abs(crops - tiles_hf[:4].reshape(4, 4, -1).numpy()).max())
+    print(f"\nsmolvlm: 4 tiles, max |embedding diff| {diff:.2e} with positions 0..n-1, {hf_diff:.2f} with "
+          f"transformers' forward (std {tiles_ref.std():.2f})")
+    assert diff < 1e-2
+    assert hf_diff > 0.1
 
 
 def _expected_ids(family: str, c, engine, image_path: Path) -> list[int]:

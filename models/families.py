@@ -321,4 +321,7 @@ def converted_family(family: str, cache: Path | None = None, vocab_cache=None) -
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        for stale in out.parent.parent.iterdir():  # builds of older builder code or converters are never used again
+            if stale.is_dir() and stale.name != key and not stale.name.startswith("."):
+                shutil.rmtree(stale, ignore_errors=True)
     return ConvertedFamily(family, out / "hf", out / "llm.gguf", out / "mmproj.gguf", arch_file.read_text())

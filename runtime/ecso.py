@@ -20,12 +20,10 @@ from ecso.runtime.engine import Engine, EngineConfig, Generation, PrefillStats, 
 from ecso.runtime.errors import InputError
 from ecso.runtime.images import ImageSource, LoadedImage
 from ecso.runtime.kv import TextPiece
-from ecso.runtime.prompts import (APPEND_JUDGE_PROMPT, DECISION_RULES, PROMPT_VERSION, Message, cap_prompt,
-                                  gen_prompt, is_unsafe_reply, tell_prompt)
+from ecso.runtime.prompts import (APPEND_JUDGE_PROMPT, DECISION_RULES, LOGIT_NO, LOGIT_YES, PROMPT_VERSION, Message,
+                                  cap_prompt, gen_prompt, is_unsafe_reply, reply_can_still_be_unsafe, tell_prompt)
 
 JUDGES = ("paper", "logit", "append", "append-logit")
-_YES = ("yes", "Yes", "YES", " yes", " Yes")
-_NO = ("no", "No", "NO", " no", " No")
 
 
 @dataclass(frozen=True)
@@ -220,7 +218,7 @@ def _cached(engine: Engine, image: LoadedImage) -> bool:
 
 def yes_no_ids(engine: Engine) -> tuple[list[int], list[int]]:
     """Single-token spellings of yes / no in this vocabulary (for the logit judge)."""
-    return engine.single_token_ids(_YES), engine.single_token_ids(_NO)
+    return engine.single_token_ids(LOGIT_YES), engine.single_token_ids(LOGIT_NO)
 
 
 def p_yes(logits: np.ndarray, yes: list[int], no: list[int]) -> float:
@@ -372,7 +370,7 @@ class _Request:
             decided = None
             if o.decision_rule == "exact" and o.judge_early_stop:
                 def decided(tokens: list[int]) -> bool:  # the reply can no longer be exactly "yes"/"yes."
-                    return not "yes.".startswith(e.detokenize(tokens).strip().lower())
+                    return not reply_can_still_be_unsafe(e.detokenize(tokens), o.decision_rule)
             g = self.generate(trace, self.sampling(o.judge_max_tokens, 1), should_stop=decided)
             if g.finish_reason == "aborted":
                 trace.finish_reason = "decided"

@@ -290,7 +290,7 @@ std::string Result::to_json(const Options &o, const std::string &engine_json) co
         .kv("judge_early_stop", o.judge_early_stop).kv("caption_max_tokens", o.caption_max_tokens)
         .kv("temperature", (double)o.temperature).kv("top_p", (double)o.top_p).kv("seed", o.seed)
         .kv("reuse", o.reuse).kv("defense", o.defense).kv("guard_every", o.guard_every)
-        .kv("guard_threshold", o.guard_threshold).end_object();
+        .kv("guard_threshold", o.guard_threshold).end_object().end_object();
     std::string out = j.str();
     out.pop_back();  // '}' : splice the engine facts in as an object
     return out + ",\"engine\":" + engine_json + "}";

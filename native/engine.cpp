@@ -14,19 +14,15 @@
 #include <sys/stat.h>
 #include <thread>
 
+#include "clock.hpp"
 #include "errors.hpp"
 #include "gguf.h"
-#include "json.hpp"
 #include "llama.h"
 #include "mtmd-helper.h"
 #include "mtmd.h"
 
 namespace ecso {
 namespace {
-
-double now() {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 void quiet_log(ggml_log_level, const char *, void *) {}
 void stderr_log(ggml_log_level, const char *text, void *) { std::fputs(text, stderr); }
@@ -46,8 +42,14 @@ bool is_file(const std::string &path) {
     return stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 
+struct GgufFacts {
+    std::string architecture = "?", tokenizer_model;
+    long projection_dim = -1;
+    bool add_space_prefix = true;  // llama.cpp's default when the key is missing
+};
+
 // Reads the GGUF header: a clear error for a missing / non-GGUF / truncated file before llama.cpp sees it.
-std::string gguf_architecture(const std::string &path, const std::string &role, long *projection_dim) {
+GgufFacts gguf_facts(const std::string &path, const std::string &role) {
     if (path.empty()) throw model_error(role + " path is empty");
     if (!is_file(path)) throw model_error(role + " file not found: " + path);
     {
@@ -61,15 +63,19 @@ std::string gguf_architecture(const std::string &path, const std::string &role, 
     gguf_context *g = gguf_init_from_file(path.c_str(), p);
     if (!g) throw model_error(path + " is truncated or corrupt (llama.cpp cannot read its GGUF header); re-download "
                               "or re-export it");
-    std::string arch = "?";
-    int64_t k = gguf_find_key(g, "general.architecture");
-    if (k >= 0 && gguf_get_kv_type(g, k) == GGUF_TYPE_STRING) arch = gguf_get_val_str(g, k);
-    if (projection_dim) {
-        int64_t d = gguf_find_key(g, "clip.vision.projection_dim");
-        *projection_dim = (d >= 0 && gguf_get_kv_type(g, d) == GGUF_TYPE_UINT32) ? (long)gguf_get_val_u32(g, d) : -1;
-    }
+    GgufFacts f;
+    auto str = [&](const char *key, std::string &out) {
+        int64_t k = gguf_find_key(g, key);
+        if (k >= 0 && gguf_get_kv_type(g, k) == GGUF_TYPE_STRING) out = gguf_get_val_str(g, k);
+    };
+    str("general.architecture", f.architecture);
+    str("tokenizer.ggml.model", f.tokenizer_model);
+    int64_t d = gguf_find_key(g, "clip.vision.projection_dim");
+    if (d >= 0 && gguf_get_kv_type(g, d) == GGUF_TYPE_UINT32) f.projection_dim = (long)gguf_get_val_u32(g, d);
+    int64_t sp = gguf_find_key(g, "tokenizer.ggml.add_space_prefix");
+    if (sp >= 0 && gguf_get_kv_type(g, sp) == GGUF_TYPE_BOOL) f.add_space_prefix = gguf_get_val_bool(g, sp);
     gguf_free(g);
-    return arch;
+    return f;
 }
 
 std::string fnv_hex(const void *data, size_t n, uint64_t h = 1469598103934665603ULL) {
@@ -124,12 +130,19 @@ CpuRepackChoice choose_cpu_repack(const std::string &setting) {
 
 Engine::Engine(const EngineConfig &cfg) : config(cfg) {
     init_backend(cfg.verbose);
-    long proj_dim = -1;
-    if (gguf_architecture(cfg.model, "model", nullptr) == "clip")
+    GgufFacts facts = gguf_facts(cfg.model, "model");
+    if (facts.architecture == "clip")
         throw model_error(cfg.model + " is an mmproj (vision projector), not a language model; pass it as mmproj and "
                           "give the LLM as model");
-    if (!cfg.mmproj.empty() && gguf_architecture(cfg.mmproj, "mmproj", &proj_dim) != "clip")
-        throw model_error(cfg.mmproj + " is not an mmproj file (expected architecture 'clip')");
+    long proj_dim = -1;
+    if (!cfg.mmproj.empty()) {
+        GgufFacts m = gguf_facts(cfg.mmproj, "mmproj");
+        if (m.architecture != "clip") throw model_error(cfg.mmproj + " is not an mmproj file (expected architecture 'clip')");
+        proj_dim = m.projection_dim;
+    }
+    // SentencePiece: llama.cpp would add a space after every control token; HF (non-legacy, LLaVA's tokenizer) adds
+    // one only at the start. Load with llama.cpp's prefix off and add it in `tokenize` (as the Python engine does).
+    space_prefix_ = facts.tokenizer_model == "llama" && facts.add_space_prefix;
     if (cfg.n_ctx < 64 || cfg.n_batch < 1) throw input_error("n_ctx must be at least 64 and n_batch at least 1");
     repack_ = choose_cpu_repack(cfg.cpu_repack);
     gpu_backend_ = llama_supports_gpu_offload();
@@ -153,6 +166,13 @@ void Engine::load() {
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = n_gpu_layers_;
     mp.use_extra_bufts = repack_.enabled;
+    llama_model_kv_override overrides[2]{};  // zero-terminated
+    if (space_prefix_) {
+        std::strncpy(overrides[0].key, "tokenizer.ggml.add_space_prefix", sizeof overrides[0].key - 1);
+        overrides[0].tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
+        overrides[0].val_bool = false;
+        mp.kv_overrides = overrides;
+    }
     model_ = llama_model_load_from_file(cfg.model.c_str(), mp);
     if (!model_)
         throw model_error("llama.cpp could not load " + cfg.model + " (corrupt, truncated or unsupported "
@@ -198,12 +218,17 @@ void Engine::load() {
     std::set<std::string> specials{media_marker()};
     for (int32_t t = 0; t < n_vocab_; ++t) {
         if (!(llama_vocab_get_attr(vocab_, t) & (LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_USER_DEFINED))) continue;
+        special_ids_.insert(t);
         std::string s = token_bytes_text(t);
         bool alnum = !s.empty();
         for (unsigned char c : s) alnum = alnum && (std::isalnum(c) || c >= 0x80);
         if (utf8_length(s) > 1 && !alnum) specials.insert(s);
     }
     specials_.assign(specials.begin(), specials.end());
+    if (space_prefix_) {
+        auto ids = llama_tokenize_raw(" ", false, false);
+        space_token_ = ids.size() == 1 ? ids[0] : -1;
+    }
     std::stable_sort(specials_.begin(), specials_.end(),
                      [](const std::string &a, const std::string &b) { return utf8_length(a) > utf8_length(b); });
 }
@@ -225,15 +250,26 @@ std::string Engine::token_bytes_text(int32_t token) const {
     return t ? utf8_sanitize(t) : "";
 }
 
-std::vector<int32_t> Engine::tokenize(const std::string &text, bool add_special) const {
+std::vector<int32_t> Engine::llama_tokenize_raw(const std::string &text, bool add_special, bool parse_special) const {
     std::vector<int32_t> buf(text.size() + 16);
-    int32_t n = llama_tokenize(vocab_, text.data(), (int32_t)text.size(), buf.data(), (int32_t)buf.size(), add_special, true);
+    int32_t n = llama_tokenize(vocab_, text.data(), (int32_t)text.size(), buf.data(), (int32_t)buf.size(), add_special,
+                               parse_special);
     if (n < 0) {
         buf.resize(-n);
-        n = llama_tokenize(vocab_, text.data(), (int32_t)text.size(), buf.data(), (int32_t)buf.size(), add_special, true);
+        n = llama_tokenize(vocab_, text.data(), (int32_t)text.size(), buf.data(), (int32_t)buf.size(), add_special,
+                           parse_special);
     }
     buf.resize(std::max(n, 0));
     return buf;
+}
+
+std::vector<int32_t> Engine::tokenize(const std::string &text, bool add_special, bool parse_special) const {
+    if (!space_prefix_ || text.empty()) return llama_tokenize_raw(text, add_special, parse_special);
+    auto ids = llama_tokenize_raw(" " + text, add_special, parse_special);
+    // as HF: a text that starts with a control token gets no space before it
+    size_t i = (add_special && ids.size() > 1 && ids[0] == llama_vocab_bos(vocab_)) ? 1 : 0;
+    if (ids.size() > i + 1 && ids[i] == space_token_ && special_ids_.count(ids[i + 1])) ids.erase(ids.begin() + i);
+    return ids;
 }
 
 std::string Engine::token_bytes(int32_t token) const {
@@ -258,9 +294,8 @@ std::vector<int32_t> Engine::single_token_ids(const std::vector<std::string> &wo
     if (it != single_ids_.end()) return it->second;
     std::vector<int32_t> out;
     for (const auto &w : words) {
-        std::vector<int32_t> buf(w.size() + 8);
-        int32_t n = llama_tokenize(vocab_, w.data(), (int32_t)w.size(), buf.data(), (int32_t)buf.size(), false, false);
-        if (n == 1 && std::find(out.begin(), out.end(), buf[0]) == out.end()) out.push_back(buf[0]);
+        auto ids = tokenize(w, false, false);
+        if (ids.size() == 1 && std::find(out.begin(), out.end(), ids[0]) == out.end()) out.push_back(ids[0]);
     }
     return single_ids_[key] = out;
 }
@@ -355,20 +390,51 @@ std::vector<float> Engine::encode(const ImageEntry &entry) {
 }
 
 // ------------------------------------------------------------------------------------------------------ prompts
+namespace {
+std::vector<Piece> split_at(const std::vector<int32_t> &tokens, size_t cut) {
+    std::vector<Piece> out;
+    cut = std::min(cut, tokens.size());
+    if (cut > 0) out.push_back(Piece::text({tokens.begin(), tokens.begin() + cut}));
+    if (cut < tokens.size()) out.push_back(Piece::text({tokens.begin() + cut, tokens.end()}));
+    return out;
+}
+}  // namespace
+
+// Tokenized as the reference does: whole without an image; [head + BOS] / image / [tail, no BOS] with one. Decode
+// boundaries: after the stable part of the head (shared by every step, with or without the image), around the image.
 Prompt Engine::build_prompt(const std::vector<Message> &messages, const Image *image) {
     if (image && !has_vision()) throw input_error("this model has no vision projector: give an mmproj, or send no image");
     RenderedPrompt r = chat_format_.prompt(messages, image != nullptr);
+    size_t cut = head_cut(r.head);
     Prompt p;
-    p.pieces.push_back(Piece::text(tokenize(r.head, true)));
-    if (image) {
-        auto entry = image_entry(*image);
-        p.images[image->key] = entry;
-        Piece ip;
-        ip.image = true, ip.key = image->key, ip.n_tokens = entry->n_tokens, ip.image_n_pos = entry->n_pos;
-        p.pieces.push_back(ip);
+    if (!image) {
+        p.pieces = split_at(tokenize(r.head + r.tail, true), cut);
+        return p;
     }
+    p.pieces = split_at(tokenize(r.head, true), cut);
+    auto entry = image_entry(*image);
+    p.images[image->key] = entry;
+    Piece ip;
+    ip.image = true, ip.key = image->key, ip.n_tokens = entry->n_tokens, ip.image_n_pos = entry->n_pos;
+    p.pieces.push_back(ip);
     p.pieces.push_back(Piece::text(tokenize(r.tail, false)));
     return p;
+}
+
+// The tokens of `head` that stay the same whatever text follows it. The last token is left out (SentencePiece merges
+// the head's trailing space into the next word), and any the probes show to merge with what follows.
+size_t Engine::head_cut(const std::string &head) {
+    auto it = head_cuts_.find(head);
+    if (it != head_cuts_.end()) return it->second;
+    auto ids = tokenize(head, true);
+    long cut = (long)ids.size() - 1;
+    for (const char *probe : {"x", "A", "\n"}) {
+        auto with = tokenize(head + probe, true);
+        long n = 0;
+        while (n < (long)ids.size() && n < (long)with.size() && ids[n] == with[n]) ++n;
+        cut = std::min(cut, n);
+    }
+    return head_cuts_[head] = (size_t)std::max(cut, 0L);
 }
 
 void Engine::check_budget(const Prompt &prompt, int32_t max_tokens, const std::string &what) const {
@@ -485,110 +551,6 @@ std::vector<float> Engine::logits() const {
 void Engine::append_tokens(const std::vector<int32_t> &tokens) {
     decode_text(tokens, kv.n_pos());
     kv.append(Piece::text(tokens));
-}
-
-// ------------------------------------------------------------------------------------------------------ sampling
-namespace {
-
-llama_sampler *make_sampler(const Sampling &s) {
-    llama_sampler *chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
-    if (s.temperature <= 0) {
-        llama_sampler_chain_add(chain, llama_sampler_init_greedy());
-    } else {
-        if (s.top_p < 1.0f) llama_sampler_chain_add(chain, llama_sampler_init_top_p(s.top_p, 1));
-        llama_sampler_chain_add(chain, llama_sampler_init_temp(s.temperature));
-        llama_sampler_chain_add(chain, llama_sampler_init_dist(s.seed));
-    }
-    return chain;
-}
-
-// Bytes at the end of `s` that start a UTF-8 sequence not yet complete (held back while streaming).
-size_t incomplete_tail(const std::string &s) {
-    for (size_t back = 1; back <= 3 && back <= s.size(); ++back) {
-        unsigned char c = s[s.size() - back];
-        if ((c & 0xC0) == 0x80) continue;
-        size_t need = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
-        return need > back ? back : 0;
-    }
-    return 0;
-}
-
-}  // namespace
-
-Generation Engine::generate(const Sampling &s, const std::function<void(const std::string &)> &on_text,
-                            const std::function<bool(const std::vector<int32_t> &)> &should_stop, int32_t first_token) {
-    double t0 = now();
-    llama_sampler *chain = make_sampler(s);
-    Generation g;
-    g.finish_reason = "length";
-    std::string raw, pending;
-    try {
-        while ((int32_t)g.tokens.size() < s.max_tokens) {
-            check_cancel();
-            int32_t tok = first_token;
-            first_token = -1;
-            if (tok < 0) tok = llama_sampler_sample(chain, ctx_, -1);
-            if (llama_vocab_is_eog(vocab_, tok) || llama_vocab_is_control(vocab_, tok)) {
-                g.finish_reason = "stop";
-                break;
-            }
-            if (kv.n_pos() >= n_ctx_) break;
-            std::string piece = token_bytes(tok);
-            raw += piece;
-            g.tokens.push_back(tok);
-            decode_text({tok}, kv.n_pos());
-            kv.append(Piece::text({tok}));
-            if (on_text) {
-                pending += piece;
-                size_t hold = incomplete_tail(pending);
-                std::string ready = utf8_sanitize(pending.substr(0, pending.size() - hold));
-                pending = pending.substr(pending.size() - hold);
-                if (!ready.empty()) on_text(ready);
-            }
-            if (should_stop && should_stop(g.tokens)) {
-                g.finish_reason = "aborted";
-                break;
-            }
-        }
-    } catch (...) {
-        llama_sampler_free(chain);
-        throw;
-    }
-    llama_sampler_free(chain);
-    g.text = utf8_sanitize(raw);
-    g.seconds = now() - t0;
-    return g;
-}
-
-int32_t Engine::sample_next(const Sampling &s) {
-    llama_sampler *chain = make_sampler(s);
-    int32_t tok = llama_sampler_sample(chain, ctx_, -1);
-    llama_sampler_free(chain);
-    return tok;
-}
-
-std::string Engine::describe_json() const {
-    Json j;
-    j.begin_object()
-        .kv("model", config.model)
-        .kv("model_fingerprint", fingerprint_)
-        .key("mmproj");
-    if (config.mmproj.empty()) j.null(); else j.value(config.mmproj);
-    j.kv("engine", std::string("native"))
-        .kv("chat_format", chat_format_.name)
-        .kv("n_ctx", n_ctx_)
-        .kv("n_embd", n_embd_)
-        .kv("gpu_backend", gpu_backend_)
-        .kv("n_gpu_layers", n_gpu_layers_)
-        .kv("mmproj_gpu", config.mmproj_gpu && gpu_backend_)
-        .kv("n_threads", n_threads_)
-        .kv("flash_attn", flash_attn_)
-        .kv("kv_type", std::string(config.kv_f32 ? "f32" : "f16"))
-        .kv("cpu_repack", repack_.setting)
-        .kv("cpu_repack_enabled", repack_.enabled)
-        .kv("cpu_repack_reason", repack_.reason)
-        .end_object();
-    return j.str();
 }
 
 }  // namespace ecso

@@ -10,6 +10,7 @@
 #include <list>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,7 @@ struct llama_context;
 struct llama_vocab;
 struct mtmd_context;
 struct mtmd_input_chunk;
+struct llama_sampler;
 
 namespace ecso {
 
@@ -77,6 +79,16 @@ struct Generation {
 // Called for every evaluation: ("text", tokens, pos0, 0) or ("image", {}, pos0, n_pos). Must not call the engine.
 using Observer = std::function<void(bool image, const std::vector<int32_t> &tokens, int32_t pos, int32_t n_pos)>;
 
+// One llama.cpp sampler chain (greedy, or top-p + temperature + seeded dist), owned.
+class Sampler {
+public:
+    explicit Sampler(const Sampling &s);
+    ~Sampler();
+    Sampler(const Sampler &) = delete;
+    Sampler &operator=(const Sampler &) = delete;
+    ::llama_sampler *ptr = nullptr;
+};
+
 struct CpuRepackChoice {
     std::string setting, reason;
     bool enabled = true;
@@ -99,7 +111,8 @@ public:
     int32_t n_ctx() const { return n_ctx_; }
     const ChatFormat &chat_format() const { return chat_format_; }
 
-    std::vector<int32_t> tokenize(const std::string &text, bool add_special) const;
+    // One tokenizer call, as the Python engine makes it (SentencePiece: HF's non-legacy space prefix).
+    std::vector<int32_t> tokenize(const std::string &text, bool add_special, bool parse_special = true) const;
     std::string detokenize(const std::vector<int32_t> &tokens) const;  // sanitized UTF-8
     std::string token_bytes(int32_t token) const;
     std::string clean_user_text(const std::string &text) const { return neutralize_specials(text, specials_); }
@@ -113,10 +126,12 @@ public:
     Prompt build_prompt(const std::vector<Message> &messages, const Image *image);
     void check_budget(const Prompt &prompt, int32_t max_tokens, const std::string &what) const;
     PrefillStats prefill(const Prompt &prompt, bool reuse);
+    // `sampler` continues a step's sampler state (one per step: at T > 0 its random sequence runs on across pauses);
+    // null: a new one from `s` for this call.
     Generation generate(const Sampling &s, const std::function<void(const std::string &)> &on_text = {},
                         const std::function<bool(const std::vector<int32_t> &)> &should_stop = {},
-                        int32_t first_token = -1);
-    int32_t sample_next(const Sampling &s);
+                        int32_t first_token = -1, Sampler *sampler = nullptr);
+    int32_t sample_next(Sampler &sampler);
     void append_tokens(const std::vector<int32_t> &tokens);
     void rollback(int32_t n_pos);
     void reset();
@@ -126,6 +141,8 @@ public:
 private:
     void load();
     void release();
+    std::vector<int32_t> llama_tokenize_raw(const std::string &text, bool add_special, bool parse_special) const;
+    size_t head_cut(const std::string &head);
     std::string token_bytes_text(int32_t token) const;  // the vocab's text of a token (for control tokens)
     void decode_text(const std::vector<int32_t> &tokens, int32_t pos0);
     void decode_image(const ImageEntry &entry, const std::vector<float> &embd, int32_t pos);
@@ -143,6 +160,10 @@ private:
     CpuRepackChoice repack_;
     ChatFormat chat_format_;
     std::vector<std::string> specials_;
+    std::set<int32_t> special_ids_;
+    bool space_prefix_ = false;
+    int32_t space_token_ = -1;
+    std::map<std::string, size_t> head_cuts_;
     std::string fingerprint_;
     std::map<std::string, std::vector<int32_t>> single_ids_;
     // LRU of encoded images: most recent at the front

@@ -58,13 +58,15 @@ size_t space_before(const std::string &s, size_t end) {  // length of a whitespa
     return 0;
 }
 
-const char *kSplitMark = "\x01" "ecso-split" "\x01";  // removed again; only marks where the user turn starts
+// stands in for an assistant message while rendering, to find the text a template puts after it (the Python engine
+// uses NUL bytes; llama.cpp's renderer takes C strings, and the mark never reaches a prompt either way)
+const char *kAnswerMark = "\x01" "ecso-answer" "\x01";
 
 }  // namespace
 
 std::string prompt_version() { return data::prompt_version; }
 
-std::string tell_prompt(const std::string &query, const std::string &response) {
+std::string tell_response(const std::string &response) {
     // the paper cuts the response to its first 1927 characters (code points, as Python slices)
     size_t n = 0, i = 0;
     while (i < response.size() && n < (size_t)data::tell_response_chars) {
@@ -72,7 +74,11 @@ std::string tell_prompt(const std::string &query, const std::string &response) {
         i += c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
         ++n;
     }
-    return fill(data::tell, {query, response.substr(0, std::min(i, response.size()))});
+    return response.substr(0, std::min(i, response.size()));
+}
+
+std::string tell_prompt(const std::string &query, const std::string &response) {
+    return fill(data::tell, {query, tell_response(response)});
 }
 
 std::string cap_prompt(const std::string &query) { return fill(data::cap, {query}); }
@@ -191,6 +197,8 @@ ChatFormat ChatFormat::choose(const std::string &requested, const std::string &t
         f.default_system = t.default_system;
         f.bos_text = bos_text;
         f.strip_bos = adds_bos && !bos_text.empty();
+        std::vector<Message> probe{{"user", "Hi"}, {"assistant", "Hello"}};
+        f.prompt({probe[0]}, true), f.prompt({probe[0]}, false), f.after_assistant(probe, true);
         return f;
     }
     std::string known;
@@ -230,19 +238,40 @@ std::string ChatFormat::render(const std::vector<Message> &messages) const {
 RenderedPrompt ChatFormat::prompt(std::vector<Message> messages, bool image) const {
     auto it = std::find_if(messages.begin(), messages.end(), [](const Message &m) { return m.role == "user"; });
     if (it == messages.end()) throw input_error("a prompt needs a user message");
-    std::string mark = image ? media_marker() : std::string(kSplitMark);
-    it->content = (image ? mark + "\n" : mark) + it->content;
-    std::string text = render(messages);
+    std::vector<Message> marked = messages;
+    Message &first_user = marked[it - messages.begin()];
+    const std::string mark = media_marker();
+    first_user.content = mark + (image ? "\n" : "") + first_user.content;
+    std::string text = render(marked);
+    size_t at = text.find(mark);
+    if (at == std::string::npos || text.find(mark, at + 1) != std::string::npos)
+        throw model_error("the " + name + " chat template does not put the user's message into the prompt verbatim; "
+                          "choose another chat format");
     RenderedPrompt r;
     r.image = image;
-    size_t at = text.find(mark);
-    if (at == std::string::npos) {
-        r.head = text;
-    } else {
-        r.head = text.substr(0, at);
+    r.head = text.substr(0, at);
+    if (image) {
         r.tail = text.substr(at + mark.size());
+        return r;
     }
+    std::string whole = render(messages);  // without an image the prompt is tokenized whole
+    if (whole.compare(0, r.head.size(), r.head) != 0) r.head.clear();
+    r.tail = whole.substr(r.head.size());
     return r;
+}
+
+std::string ChatFormat::after_assistant(std::vector<Message> messages, bool image) const {
+    int last = -1;
+    for (size_t i = 0; i < messages.size(); ++i)
+        if (messages[i].role == "assistant") last = (int)i;
+    if (last < 0) throw input_error("after_assistant needs an assistant message");
+    messages[last].content = kAnswerMark;
+    std::string tail = prompt(messages, image).tail;
+    size_t at = tail.find(kAnswerMark);
+    if (at == std::string::npos || tail.find(kAnswerMark, at + 1) != std::string::npos)
+        throw model_error("the " + name + " chat template does not put the assistant's answer into the conversation "
+                          "verbatim; use judge paper or logit");
+    return tail.substr(at + std::strlen(kAnswerMark));
 }
 
 }  // namespace ecso

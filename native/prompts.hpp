@@ -14,13 +14,15 @@ struct Message {
     std::string content;
 };
 
-// A rendered prompt cut into the part before the image (or split mark) and the rest.
+// A rendered prompt cut where the first user turn's content starts. With an image, the image goes between head and
+// tail; without one, head + tail is the template's rendering of the messages, tokenized whole.
 struct RenderedPrompt {
     std::string head, tail;
     bool image = false;
 };
 
 std::string prompt_version();
+std::string tell_response(const std::string &response);  // the first 1927 characters
 std::string tell_prompt(const std::string &query, const std::string &response);  // response cut to 1927 chars
 std::string cap_prompt(const std::string &query);
 std::string gen_prompt(const std::string &caption, const std::string &query);
@@ -52,8 +54,10 @@ public:
     static ChatFormat choose(const std::string &requested, const std::string &gguf_template,
                              const std::string &bos_text, bool adds_bos);
     std::string render(const std::vector<Message> &messages) const;
-    // The image (or a split mark) goes first in the first user turn; split there.
+    // The image goes first in the first user turn; the prompt is cut there.
     RenderedPrompt prompt(std::vector<Message> messages, bool image) const;
+    // The text the template puts after the last message, an assistant turn (closing it, opening the next).
+    std::string after_assistant(std::vector<Message> messages, bool image) const;
 };
 
 }  // namespace ecso

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "clock.hpp"
 #include "errors.hpp"
 #include "json.hpp"
 
@@ -12,10 +13,6 @@ namespace ecso {
 namespace {
 
 const char *const kJudges[] = {"paper", "logit", "append", "append-logit"};
-
-double now() {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 bool ends_with(const std::string &s, const std::string &suffix) {
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -60,11 +57,12 @@ private:
         t.image_encodes += st.image_encodes, t.prefill_seconds += st.seconds;
     }
     Generation generate(size_t idx, const Sampling &s, bool stream, int32_t first_token = -1,
-                        const std::function<bool(const std::vector<int32_t> &)> &should_stop = {}) {
+                        const std::function<bool(const std::vector<int32_t> &)> &should_stop = {},
+                        Sampler *sampler = nullptr) {
         std::function<void(const std::string &)> on_text;
         std::string name = steps_[idx].name;
         if (stream) on_text = [&](const std::string &d) { emit_("token", name, d); };
-        Generation g = e_.generate(s, on_text, should_stop, first_token);
+        Generation g = e_.generate(s, on_text, should_stop, first_token, sampler);
         StepTrace &t = steps_[idx];
         t.generated_tokens += (int32_t)g.tokens.size(), t.generate_seconds += g.seconds, t.finish_reason = g.finish_reason;
         return g;
@@ -76,14 +74,21 @@ private:
             throw input_error("this vocabulary has no single-token yes/no; use judge paper or append");
         return {yes, no};
     }
-    // Tokens that close the assistant turn after `answer_tokens` and ask `question` in a new user turn.
-    std::vector<int32_t> continuation(const std::vector<int32_t> &answer_tokens, const std::string &question) {
-        std::string answer = strip(e_.detokenize(answer_tokens));
-        std::vector<Message> msgs{{"user", query_}, {"assistant", answer}, {"user", question}};
-        std::string tail = e_.chat_format().prompt(msgs, image_ != nullptr).tail;
-        size_t cut = tail.rfind(answer);
-        std::string text = (cut != std::string::npos && !answer.empty()) ? tail.substr(cut + answer.size()) : tail;
-        return e_.tokenize(text, false);
+    // Tokens that close the assistant turn right after the generated tokens and ask `question` in a new user turn.
+    std::vector<int32_t> continuation(const std::string &question) {
+        std::vector<Message> msgs{{"user", query_}, {"assistant", ""}, {"user", question}};
+        return e_.tokenize(e_.chat_format().after_assistant(msgs, image_ != nullptr), false);
+    }
+    // Step 2 (append judges): the conversation with step 1's answer and `question`, tokenized whole as the reference
+    // does, batched as the cache holds step 1 (its prompt, then one decode per generated token).
+    Prompt appended(const Prompt &p1, const std::vector<int32_t> &answer_tokens, const std::string &answer,
+                    const std::string &question) {
+        std::vector<Message> msgs{{"user", query_}, {"assistant", e_.clean_user_text(answer)}, {"user", question}};
+        Prompt p = e_.build_prompt(msgs, image_);
+        std::vector<Piece> base = p1.pieces;
+        for (int32_t t : answer_tokens) base.push_back(Piece::text({t}));
+        p.pieces = aligned_to(p.pieces, base);
+        return p;
     }
     std::tuple<bool, std::string, std::optional<double>> judge(const Prompt &p1, const Generation &first,
                                                                const std::string &answer1);
@@ -154,14 +159,10 @@ std::tuple<bool, std::string, std::optional<double>> Request::judge(const Prompt
     start("judge");
     bool logit = ends_with(o_.judge, "logit");
     Prompt prompt;
-    if (o_.judge == "paper" || o_.judge == "logit") {
-        prompt = e_.build_prompt(user(tell_prompt(query_, answer1)), image_);
+    if (o_.judge == "paper" || o_.judge == "logit") {  // model text is neutralised like user text
+        prompt = e_.build_prompt(user(tell_prompt(query_, e_.clean_user_text(tell_response(answer1)))), image_);
     } else {  // append: the question goes after the answer already in the cache
-        auto cont = continuation(first.tokens, append_judge_prompt());
-        prompt.pieces = p1.pieces, prompt.images = p1.images;
-        // one piece per answer token, as they were decoded while generating: the naive path batches the same way
-        for (int32_t t : first.tokens) prompt.pieces.push_back(Piece::text({t}));
-        prompt.pieces.push_back(Piece::text(cont));
+        prompt = appended(p1, first.tokens, answer1, append_judge_prompt());
     }
     prefill(idx, prompt, logit ? 1 : o_.judge_max_tokens);
     bool unsafe;
@@ -189,6 +190,8 @@ std::tuple<bool, std::string, std::optional<double>> Request::judge(const Prompt
 
 std::tuple<Generation, bool, std::optional<double>> Request::guarded_answer(size_t idx) {
     auto [yes, no] = yes_no();
+    auto cont = continuation(append_judge_prompt());
+    Sampler sampler(sampling(o_.max_tokens, 0));  // one for the whole answer: the guard's pauses do not restart it
     std::vector<int32_t> tokens;
     int32_t first_token = -1;
     std::optional<double> score;
@@ -198,15 +201,14 @@ std::tuple<Generation, bool, std::optional<double>> Request::guarded_answer(size
     std::string finish = "length";
     while ((int32_t)tokens.size() < o_.max_tokens) {
         int32_t n = std::min(o_.guard_every, o_.max_tokens - (int32_t)tokens.size());
-        Generation g = generate(idx, sampling(n, 0), true, first_token);
+        Generation g = generate(idx, sampling(n, 0), true, first_token, {}, &sampler);
         tokens.insert(tokens.end(), g.tokens.begin(), g.tokens.end());
         seconds += g.seconds;
         finish = g.finish_reason;
         if (g.finish_reason != "length" || (int32_t)tokens.size() >= o_.max_tokens) break;
         double t0 = now();
-        first_token = e_.sample_next(sampling(1, 0));
+        first_token = e_.sample_next(sampler);
         int32_t mark = e_.kv.n_pos();
-        auto cont = continuation(tokens, append_judge_prompt());
         if (mark + (int32_t)cont.size() + 1 > e_.n_ctx()) {
             guard.prefill_seconds += now() - t0;
             continue;  // no room to branch a judge: keep generating unguarded

@@ -141,3 +141,61 @@ def test_raw_rgb_and_encoded_bytes_give_the_same_result_as_the_path(libecso, dem
         by_bytes = native.run(street_png.read_bytes(), QUERY, opts)
     assert by_path["answer"] == by_rgb["answer"] == by_bytes["answer"]
     assert by_rgb["image_cache_hit"] and by_bytes["image_cache_hit"]  # same pixels, same cache key
+
+
+@pytest.mark.parametrize("opts", [
+    dict(temperature=0.7, top_p=0.9, seed=5, judge="append-logit", max_tokens=16),
+    dict(guard_every=4, guard_threshold=1.01, judge="append-logit", max_tokens=12),  # a guard that never fires
+    dict(guard_every=4, guard_threshold=0.0, max_tokens=12, caption_max_tokens=12),  # fires: retract, steps 3-4
+], ids=["sampling", "guard-quiet", "guard-fires"])
+def test_demo_model_sampling_and_guarded_streaming_match_python(libecso, demo_engine, demo_files, street_png, opts):
+    options = EcsoOptions(**opts)
+    py, py_evals = python_trace(demo_engine, street_png, QUERY, options)
+    nat, nat_evals = native_trace(demo_config(demo_files), libecso, street_png, QUERY, options)
+    assert_same(py, nat, py_evals, nat_evals)
+    assert nat["retracted"] == (opts.get("guard_threshold") == 0.0)
+
+
+def test_known_gguf_templates_render_like_their_jinja():
+    """The native engine renders the GGUF templates it knows without Jinja (ecso_prompts.json): llava-1.5 from the
+    data, others with llama.cpp's built-in renderer plus the template's default system message. Same text as Jinja."""
+    import ctypes
+
+    import llama_cpp
+
+    from ecso.runtime.prompts import DATA, JinjaFormat, Llava15Format, Message
+
+    conversations = [
+        [Message("user", "Hi there")],
+        [Message("system", "Be brief."), Message("user", "Q?")],
+        [Message("user", "<__media__>\nWhat is it?"), Message("assistant", "A cat."), Message("user", "Sure? é ü")],
+    ]
+    for known in DATA["gguf_templates"]:
+        jinja = JinjaFormat(known["template"], "<s>", "</s>", tokenizer_adds_bos=True)
+        for msgs in conversations:
+            if known["renderer"] == "llava-1.5":
+                native = Llava15Format().render(msgs)
+            else:
+                full = msgs
+                if msgs[0].role != "system" and known.get("default_system"):
+                    full = [Message("system", known["default_system"])] + msgs
+                chat = (llama_cpp.llama_chat_message * len(full))(
+                    *[llama_cpp.llama_chat_message(m.role.encode(), m.content.encode()) for m in full])
+                buf = ctypes.create_string_buffer(8192)
+                n = llama_cpp.llama_chat_apply_template(known["renderer"].encode(), chat, len(full), True, buf, 8192)
+                native = buf.raw[:n].decode()
+            assert native == jinja.render(msgs), known["name"]
+
+
+def test_an_unknown_gguf_template_is_refused_with_a_clear_error(libecso, tiny, tmp_path, street_png):
+    data = tiny.llm.read_bytes()
+    assert data.count(b"'USER: '") == 1
+    other = tmp_path / "other-template.gguf"
+    other.write_bytes(data.replace(b"'USER: '", b"'HUMAN:'"))  # same length: the GGUF stays valid
+    from ecso.runtime.errors import ModelError
+
+    with pytest.raises(ModelError, match="does not know this GGUF's chat template"):
+        NativeEngine(EngineConfig(model=str(other), mmproj=str(tiny.mmproj), n_ctx=512), libecso)
+    with NativeEngine(EngineConfig(model=str(other), mmproj=str(tiny.mmproj), n_ctx=512, chat_format="llava-1.5"),
+                      libecso) as native:
+        assert native.run(street_png, QUERY, EcsoOptions(max_tokens=4))["steps"]

@@ -134,6 +134,8 @@ ECSO_API ecso_status ecso_run(ecso_engine *engine, const ecso_image *image, cons
                               ecso_result **out);
 
 ECSO_API ecso_status ecso_cancel(ecso_engine *engine);
+/* Empties the KV cache and the encoded-image cache (the next request starts cold, e.g. for benchmarks). */
+ECSO_API ecso_status ecso_clear_cache(ecso_engine *engine);
 ECSO_API ecso_status ecso_close(ecso_engine *engine); /* frees the model; safe to call twice */
 ECSO_API void ecso_free(ecso_engine *engine);         /* closes if needed and frees the handle; NULL is fine */
 

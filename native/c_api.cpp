@@ -196,6 +196,16 @@ ecso_status ecso_cancel(ecso_engine *engine) {
     return ECSO_OK;
 }
 
+ecso_status ecso_clear_cache(ecso_engine *engine) {
+    return guarded([&]() -> ecso_status {
+        if (!engine) return fail(ECSO_ERR_INPUT, "ecso_clear_cache: engine is a null pointer");
+        std::lock_guard<std::mutex> lock(engine->mutex);
+        if (engine->closed || !engine->engine) return fail(ECSO_ERR_CLOSED, "the engine is closed; open a new one");
+        engine->engine->clear_caches();
+        return ECSO_OK;
+    });
+}
+
 ecso_status ecso_close(ecso_engine *engine) {
     return guarded([&]() -> ecso_status {
         if (!engine) return fail(ECSO_ERR_INPUT, "ecso_close: engine is a null pointer");

@@ -201,6 +201,7 @@ void Engine::load() {
                           " tokens (out of memory?); try a smaller n_ctx");
     n_ctx_ = (int32_t)llama_n_ctx(ctx_);
     n_batch_ = (int32_t)cp.n_batch;
+    batch_ = new llama_batch(llama_batch_init(n_batch_, 0, 1));
     if (!cfg.mmproj.empty()) {
         mtmd_context_params p = mtmd_context_params_default();
         p.use_gpu = cfg.mmproj_gpu && gpu_backend_;
@@ -237,6 +238,7 @@ Engine::~Engine() { release(); }
 
 void Engine::release() {
     image_cache_.clear();
+    if (batch_) llama_batch_free(*batch_), delete batch_, batch_ = nullptr;
     if (mctx_) mtmd_free(mctx_);
     if (ctx_) llama_free(ctx_);
     if (model_) llama_model_free(model_);
@@ -505,27 +507,21 @@ PrefillStats Engine::prefill(const Prompt &prompt, bool reuse) {
 void Engine::decode_text(const std::vector<int32_t> &tokens, int32_t pos0) {
     if (observer) observer(false, tokens, pos0, 0);
     const int32_t n = (int32_t)tokens.size();
-    llama_batch b = llama_batch_init(n_batch_, 0, 1);
-    try {
-        for (int32_t start = 0; start < n; start += n_batch_) {
-            check_cancel();
-            int32_t m = std::min(n_batch_, n - start);
-            b.n_tokens = m;
-            for (int32_t i = 0; i < m; ++i) {
-                b.token[i] = tokens[start + i];
-                b.pos[i] = pos0 + start + i;
-                b.n_seq_id[i] = 1;
-                b.seq_id[i][0] = 0;
-                b.logits[i] = (start + i == n - 1);
-            }
-            int rc = llama_decode(ctx_, b);
-            if (rc != 0) fail_decode(rc);
+    llama_batch &b = *batch_;
+    for (int32_t start = 0; start < n; start += n_batch_) {
+        check_cancel();
+        int32_t m = std::min(n_batch_, n - start);
+        b.n_tokens = m;
+        for (int32_t i = 0; i < m; ++i) {
+            b.token[i] = tokens[start + i];
+            b.pos[i] = pos0 + start + i;
+            b.n_seq_id[i] = 1;
+            b.seq_id[i][0] = 0;
+            b.logits[i] = (start + i == n - 1);
         }
-    } catch (...) {
-        llama_batch_free(b);
-        throw;
+        int rc = llama_decode(ctx_, b);
+        if (rc != 0) fail_decode(rc);
     }
-    llama_batch_free(b);
 }
 
 void Engine::decode_image(const ImageEntry &entry, const std::vector<float> &embd, int32_t pos) {

@@ -23,6 +23,7 @@ struct llama_vocab;
 struct mtmd_context;
 struct mtmd_input_chunk;
 struct llama_sampler;
+struct llama_batch;
 
 namespace ecso {
 
@@ -135,6 +136,7 @@ public:
     void append_tokens(const std::vector<int32_t> &tokens);
     void rollback(int32_t n_pos);
     void reset();
+    void clear_caches() { reset(), image_cache_.clear(); }
     std::vector<float> logits() const;
     std::string describe_json() const;
 
@@ -153,6 +155,7 @@ private:
 
     llama_model *model_ = nullptr;
     llama_context *ctx_ = nullptr;
+    struct llama_batch *batch_ = nullptr;  // one decode batch, reused by every call
     mtmd_context *mctx_ = nullptr;
     const llama_vocab *vocab_ = nullptr;
     int32_t n_ctx_ = 0, n_batch_ = 0, n_vocab_ = 0, n_embd_ = 0, n_threads_ = 0, n_gpu_layers_ = 0;

@@ -94,7 +94,7 @@ def load_library(path: Optional[str | os.PathLike] = None) -> ctypes.CDLL:
             "ecso_open": ([ctypes.POINTER(_Config), ctypes.POINTER(vp)], st),
             "ecso_run": ([vp, ctypes.POINTER(_Image), ctypes.c_char_p, ctypes.POINTER(_Options), _EVENT_FN, vp,
                           ctypes.POINTER(vp)], st),
-            "ecso_cancel": ([vp], st), "ecso_close": ([vp], st), "ecso_free": ([vp], None),
+            "ecso_cancel": ([vp], st), "ecso_clear_cache": ([vp], st), "ecso_close": ([vp], st), "ecso_free": ([vp], None),
             "ecso_engine_json": ([vp], ctypes.c_char_p), "ecso_result_json": ([vp], ctypes.c_char_p),
             "ecso_result_answer": ([vp], ctypes.c_char_p), "ecso_result_unsafe": ([vp], ctypes.c_int32),
             "ecso_result_free": ([vp], None),
@@ -199,6 +199,10 @@ class NativeEngine:
 
     def cancel(self) -> None:
         self._lib.ecso_cancel(self._h)
+
+    def clear_cache(self) -> None:
+        """Empties the KV and encoded-image caches: the next request starts cold."""
+        _check(self._lib, self._lib.ecso_clear_cache(self._h))
 
     def close(self) -> None:
         """Frees the model; later calls raise EngineError (the handle itself lives until this object goes)."""

@@ -190,3 +190,36 @@ def test_requests_from_two_threads_are_serialised_and_identical(libecso, demo_fi
     native.close()
     assert len(results) == 2
     assert results[0]["answer"] == results[1]["answer"] and results[0]["judge_score"] == results[1]["judge_score"]
+
+
+def test_close_from_another_thread_cancels_the_running_request(libecso, demo_files, street_png):
+    native = NativeEngine(EngineConfig(model=demo_files[0], mmproj=demo_files[1], n_ctx=2048), libecso)
+    streaming = threading.Event()
+
+    def on_event(kind, *_):
+        if kind == "token":
+            streaming.set()
+
+    closer = threading.Thread(target=lambda: (streaming.wait(120), native.close()))
+    closer.start()
+    with pytest.raises(NativeCancelled):
+        native.run(street_png, "Tell a very long story about this picture.", EcsoOptions(max_tokens=400), on_event)
+    closer.join()
+    with pytest.raises(EngineError, match="closed"):
+        native.run(street_png, "q")
+
+
+def test_ecso_native_cli_prints_the_same_json_result_as_ecso_run(libecso, demo_files, street_png):
+    from conftest import run_cli
+
+    args = ["--image", str(street_png), "--max-tokens", "8", "--judge", "append-logit", "--ctx", "2048", "--json",
+            "What is happening here?"]
+    py = run_cli("ecso-run", "--model", demo_files[0], "--mmproj", demo_files[1], *args)
+    nat = run_cli(str(libecso.parent / "ecso-native"), "--model", demo_files[0], "--mmproj", demo_files[1], *args)
+    assert py.returncode == 0 and nat.returncode == 0, nat.stderr + py.stderr
+    p, n = json.loads(py.stdout), json.loads(nat.stdout)
+    assert {k: n[k] for k in ("answer", "unsafe", "judge", "judge_reply", "image_encodes")} == \
+        {k: p[k] for k in ("answer", "unsafe", "judge", "judge_reply", "image_encodes")}
+    assert set(p) <= set(n) | {"engine"} and n["judge_score"] == pytest.approx(p["judge_score"], abs=1e-9)
+    bad = run_cli(str(libecso.parent / "ecso-native"), "--model", "/nonexistent.gguf", "q")
+    assert bad.returncode == 3 and bad.stderr.startswith("ecso-native: error: model file not found")

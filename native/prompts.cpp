@@ -197,8 +197,8 @@ ChatFormat ChatFormat::choose(const std::string &requested, const std::string &t
         f.default_system = t.default_system;
         f.bos_text = bos_text;
         f.strip_bos = adds_bos && !bos_text.empty();
-        std::vector<Message> probe{{"user", "Hi"}, {"assistant", "Hello"}};
-        f.prompt({probe[0]}, true), f.prompt({probe[0]}, false), f.after_assistant(probe, true);
+        std::vector<Message> probe{{"user", "Hi"}, {"assistant", "Hello"}, {"user", "Bye"}};
+        f.render(probe), f.prompt({probe[0]}, true), f.prompt({probe[0]}, false);  // fails at open, not mid-request
         return f;
     }
     std::string known;

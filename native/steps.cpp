@@ -39,11 +39,10 @@ private:
     Sampling sampling(int32_t max_tokens, uint32_t step) const {
         return Sampling{o_.temperature, o_.top_p, o_.seed + step, max_tokens};
     }
-    StepTrace &start(const std::string &name) {
+    void start(const std::string &name) {
         steps_.emplace_back();
         steps_.back().name = name;
         emit_("step_start", name, "");
-        return steps_.back();
     }
     void end(size_t idx, const std::string &text) {
         steps_[idx].text = text;

@@ -86,6 +86,8 @@ def test_demo_model_all_four_steps_match_python(libecso, demo_engine, demo_files
     assert [s["name"] for s in nat["steps"]] == ["answer", "judge", "caption", "regenerate"]
     assert_same(py, nat, py_evals, nat_evals)
     assert nat["unsafe"] and nat["image_encodes"] == 1
+    for key in ("cpu_repack", "cpu_repack_enabled", "cpu_repack_reason", "n_ctx", "flash_attn", "kv_type"):
+        assert nat["engine"][key] == py["engine"][key], key  # same AMX-safe choice, same context settings
     # step 4 has no image and reuses the system prefix step 1 left in the cache
     regen = nat["steps"][3]
     assert regen["reused_positions"] > 0 and not any(s == "regenerate" and k == "image" for s, k, _, _ in nat_evals)

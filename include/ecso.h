@@ -71,7 +71,7 @@ typedef struct ecso_config {
 
 /* Per-request options; defaults (ecso_options_default) are the paper's method, greedy, with KV reuse. */
 typedef struct ecso_options {
-    const char *judge;         /* "paper" | "logit" | "append" | "append-logit" */
+    const char *judge;         /* "paper" | "logit" | "append" | "append-logit" | "always-unsafe" (demos: steps 3-4) */
     const char *decision_rule; /* "exact" (reply is yes / yes.) | "contains" */
     float logit_threshold;     /* logit judges: unsafe iff P(yes)/(P(yes)+P(no)) >= threshold */
     int32_t max_tokens;        /* answer and regenerated answer (512) */

@@ -12,7 +12,8 @@
 namespace ecso {
 namespace {
 
-const char *const kJudges[] = {"paper", "logit", "append", "append-logit"};
+// always-unsafe: the paper's judge runs and its reply is recorded, but the verdict is always unsafe (steps 3-4 run)
+const char *const kJudges[] = {"paper", "logit", "append", "append-logit", "always-unsafe"};
 
 bool ends_with(const std::string &s, const std::string &suffix) {
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -158,7 +159,7 @@ std::tuple<bool, std::string, std::optional<double>> Request::judge(const Prompt
     start("judge");
     bool logit = ends_with(o_.judge, "logit");
     Prompt prompt;
-    if (o_.judge == "paper" || o_.judge == "logit") {  // model text is neutralised like user text
+    if (o_.judge == "paper" || o_.judge == "logit" || o_.judge == "always-unsafe") {  // model text neutralised too
         prompt = e_.build_prompt(user(tell_prompt(query_, e_.clean_user_text(tell_response(answer1)))), image_);
     } else {  // append: the question goes after the answer already in the cache
         prompt = appended(p1, first.tokens, answer1, append_judge_prompt());
@@ -181,7 +182,7 @@ std::tuple<bool, std::string, std::optional<double>> Request::judge(const Prompt
         Generation g = generate(idx, sampling(o_.judge_max_tokens, 1), false, -1, decided);
         if (g.finish_reason == "aborted") steps_[idx].finish_reason = "decided";
         reply = strip(g.text);
-        unsafe = is_unsafe_reply(reply, o_.decision_rule);
+        unsafe = o_.judge == "always-unsafe" || is_unsafe_reply(reply, o_.decision_rule);
     }
     end(idx, reply);
     return {unsafe, reply, score};
@@ -247,7 +248,7 @@ Result Request::result(const std::string &answer, bool unsafe, const std::string
 void Options::validate() const {
     bool known = false;
     for (const char *j : kJudges) known = known || judge == j;
-    if (!known) throw input_error("unknown judge '" + judge + "'; use one of paper, logit, append, append-logit");
+    if (!known) throw input_error("unknown judge '" + judge + "'; use one of paper, logit, append, append-logit, always-unsafe");
     if (!has_decision_rule(decision_rule))
         throw input_error("unknown decision rule '" + decision_rule + "'; use one of " + decision_rule_names());
     if (std::min({max_tokens, judge_max_tokens, caption_max_tokens}) < 1)

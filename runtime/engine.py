@@ -16,6 +16,7 @@ lock for the whole request.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import functools
 import os
@@ -27,7 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ecso.runtime.errors import ContextOverflowError, EngineError, InputError, ModelError
+from ecso.runtime.errors import Cancelled, ContextOverflowError, EngineError, InputError, ModelError
 from ecso.runtime.images import (CachedEmbedding, EmbeddingCache, ImageLimits, ImageSource, LoadedImage,
                                  file_fingerprint, load_image)
 from ecso.runtime.kv import ImagePiece, Piece, PrefixCache, TextPiece, n_positions, suffix_after
@@ -201,6 +202,7 @@ class Engine:
         # Optional hook called for every evaluation: ("text", tokens, pos0) or ("image", n_pos, pos0). Tests use it to
         # check the tokens each step actually evaluates; apps can use it for tracing. Must not call the engine.
         self.observer: Optional[Callable[[str, object, int], None]] = None
+        self._should_cancel: Optional[Callable[[], bool]] = None  # set only inside `cancellable` (see there)
         self.image_cache = EmbeddingCache(config.image_cache_entries)
         v = self._vocab
         self.chat_format: ChatFormat = chat_format_for(config.chat_format, template, v.token_text(v.bos),
@@ -418,6 +420,24 @@ class Engine:
         ptr = M.mtmd_get_output_embd(self._mctx)
         return np.ctypeslib.as_array(ptr, shape=(entry.n_tokens * self.n_embd,)).copy()
 
+    # ---------------------------------------------------------------------------------------------- cancellation
+    @_public
+    @contextlib.contextmanager
+    def cancellable(self, should_cancel: Optional[Callable[[], bool]]):
+        """While the block runs (holding the lock), `should_cancel()` is checked before each prompt piece (an image
+        is one), each decode batch and each generated token; when it returns True the work stops with `Cancelled`.
+        This is how a server frees the engine promptly when its client leaves, even mid-prefill or mid-judge."""
+        with self.lock:
+            outer, self._should_cancel = self._should_cancel, should_cancel
+            try:
+                yield
+            finally:
+                self._should_cancel = outer
+
+    def _check_cancel(self) -> None:
+        if self._should_cancel is not None and self._should_cancel():
+            raise Cancelled("the request was cancelled")
+
     # ---------------------------------------------------------------------------------------------- KV + decode
     @_public
     def check_budget(self, prompt: Prompt, max_tokens: int, what: str = "prompt") -> None:
@@ -462,6 +482,7 @@ class Engine:
             encodes, t_enc = 0, 0.0
             pos = keep
             for piece in suffix_after(prompt.pieces, keep):
+                self._check_cancel()
                 if isinstance(piece, TextPiece):
                     self._decode_text(piece.tokens, pos, logits_all, logits_out)
                 else:
@@ -486,6 +507,7 @@ class Engine:
         if self.observer is not None:
             self.observer("text", tuple(tokens), pos0)
         for start in range(0, n, self.n_batch):
+            self._check_cancel()
             part = tokens[start:start + self.n_batch]
             b.n_tokens = len(part)
             for i, tok in enumerate(part):

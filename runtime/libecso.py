@@ -17,15 +17,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-from ecso.runtime.errors import (ContextOverflowError, EcsoError, EngineError, ImageError, InputError,
+from ecso.runtime.errors import (Cancelled, ContextOverflowError, EngineError, ImageError, InputError,
                                  ModelError)
 
 EVENT_KINDS = {0: "step_start", 1: "token", 2: "step_end", 3: "retract", 4: "eval_text", 5: "eval_image"}
 STATUS = {1: InputError, 2: ImageError, 3: ModelError, 4: ContextOverflowError, 5: EngineError, 6: EngineError}
 
 
-class NativeCancelled(EcsoError):
-    """ecso_cancel stopped the request."""
+class NativeCancelled(Cancelled):
+    """ecso_cancel (or ecso_close from another thread) stopped the request."""
 
 
 def library_name() -> str:

@@ -69,7 +69,7 @@ def demo_config(demo_files) -> EngineConfig:
     return EngineConfig(model=demo_files[0], mmproj=demo_files[1], n_ctx=2048)
 
 
-@pytest.mark.parametrize("judge", ["paper", "append", "logit", "append-logit"])
+@pytest.mark.parametrize("judge", ["paper", "append", "logit", "append-logit", "always-unsafe"])
 def test_demo_model_steps_verdicts_and_text_match_python(libecso, demo_engine, demo_files, street_png, judge):
     opts = EcsoOptions(judge=judge, max_tokens=24, caption_max_tokens=24)
     py, py_evals = python_trace(demo_engine, street_png, QUERY, opts)

@@ -23,7 +23,7 @@ const char *kUsage =
     "        --no-mmproj-gpu  --threads N  --flash-attn | --no-flash-attn  --cpu-repack auto|on|off\n"
     "        --chat-format auto|llava-1.5|gguf  -v/--verbose\n"
     "ecso:   -i/--image PATH  --max-tokens N (512)  --temperature T (0)  --top-p P (1)  --seed N (0)\n"
-    "        --judge paper|logit|append|append-logit|always-unsafe\n         --rule exact|contains  --threshold P (0.5)\n"
+    "        --judge paper|logit|append|append-logit|always-unsafe  --rule exact|contains  --threshold P (0.5)\n"
     "        --guard-every N (0)  --no-reuse  --no-defense  --stream | --no-stream  --json\n";
 
 int exit_code(ecso_status s) {

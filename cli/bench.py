@@ -19,14 +19,19 @@ from ecso.cli.common import engine_config, friendly_errors, model_options
               help="Demo model only: projector image size; 336 gives LLaVA-1.5's 576 image tokens "
                    "(default: the demo's 224 -> 256 tokens).")
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
+@click.option("--native/--no-native", default=None,
+              help="Also measure libecso (the native engine) against the Python engine and Llama "
+                   "(default: when libecso is built; see README 'Native library').")
+@click.option("--native-lib", type=click.Path(dir_okay=False), default=None, help="Path of libecso to measure.")
 @friendly_errors
-def command(image, repeats, max_tokens, image_size, as_json, **model_kw) -> None:
+def command(image, repeats, max_tokens, image_size, as_json, native, native_lib, **model_kw) -> None:
     """Measure what ECSO costs on this machine, side by side in one run, and print ratios against targets.
 
     \b
     safe/plain <judge>    ECSO whose judge finds the answer safe vs the same engine without ECSO
     full reuse/no-reuse   all four steps with KV + embedding reuse vs the naive way (re-encode every step)
     decode tok/s          our engine vs llama-cpp-python's Llama on the same GGUF
+    native/python         libecso vs the Python engine: request time, per-request overhead, decode tok/s
     """
     import io
 
@@ -52,11 +57,33 @@ def command(image, repeats, max_tokens, image_size, as_json, **model_kw) -> None
             buf = io.BytesIO()
             Image.new("RGB", (448, 336), (120, 160, 200)).save(buf, "PNG")
             image = buf.getvalue()
+    from ecso.runtime.errors import ModelError
+    from ecso.runtime.libecso import find_library
+
+    if native is None:
+        try:
+            find_library(native_lib)
+            native = True
+        except ModelError:
+            native = False
+            click.echo("[bench] libecso not built: skipping the native engine (see README 'Native library')", err=True)
     cfg = engine_config(**model_kw)
+    say = lambda m: click.echo(f"[bench] {m}", err=True)  # noqa: E731
+    native_report = None
     with Engine(cfg) as engine:
-        report = run_bench(engine, image, repeats=repeats, max_tokens=max_tokens,
-                           progress=lambda m: click.echo(f"[bench] {m}", err=True))
+        report = run_bench(engine, image, repeats=repeats, max_tokens=max_tokens, progress=say)
+        if native:
+            from ecso.eval.speed_native import run_native_bench
+
+            native_report = run_native_bench(engine, image, native_lib, repeats=repeats, max_tokens=max_tokens,
+                                             progress=say)
     click.echo(report.table())
+    if native_report is not None:
+        click.echo("")
+        click.echo(native_report.table())
     if as_json:
+        d = report.to_dict()
+        if native_report is not None:
+            d["native"] = native_report.to_dict()
         with open(as_json, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+            json.dump(d, f, indent=2)

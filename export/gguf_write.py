@@ -15,19 +15,13 @@ from typing import Callable, Iterable
 import gguf
 import numpy as np
 
+from ecso.runtime.prompts import DATA as PROMPT_DATA
+
 OUTTYPES = ("f32", "f16", "q8_0")
 
-# Vicuna v1 (LLaVA-1.5) as a chat template; the system prompt is the one LLaVA-1.5's eval scripts use.
-LLAVA15_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-LLAVA15_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set rest = messages[1:] %}"
-    "{% else %}{% set system = '" + LLAVA15_SYSTEM.replace("'", "\\'") + "' %}{% set rest = messages %}{% endif %}"
-    "{{ system + ' ' }}"
-    "{% for m in rest %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
-    "{% else %}{{ 'ASSISTANT: ' + m['content'] + '</s>' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+# Vicuna v1 (LLaVA-1.5) as a chat template (the system prompt LLaVA-1.5's eval scripts use). The text lives in
+# runtime/ecso_prompts.json, where the native engine finds it too (it renders this template without Jinja).
+LLAVA15_TEMPLATE = next(t["template"] for t in PROMPT_DATA["gguf_templates"] if t["renderer"] == "llava-1.5")
 
 
 class GGUFWriteError(ValueError):

@@ -20,14 +20,13 @@ from ecso.runtime.engine import Engine, EngineConfig, Generation, PrefillStats, 
 from ecso.runtime.errors import Cancelled, InputError
 from ecso.runtime.images import ImageSource, LoadedImage
 from ecso.runtime.kv import TextPiece, aligned_to
-from ecso.runtime.prompts import (APPEND_JUDGE_PROMPT, DECISION_RULES, PROMPT_VERSION, TELL_RESPONSE_CHARS, Message,
-                                  cap_prompt, gen_prompt, is_unsafe_reply, tell_prompt)
+from ecso.runtime.prompts import (APPEND_JUDGE_PROMPT, DECISION_RULES, LOGIT_NO, LOGIT_YES, PROMPT_VERSION,
+                                  TELL_RESPONSE_CHARS, Message, cap_prompt, gen_prompt, is_unsafe_reply,
+                                  reply_can_still_be_unsafe, tell_prompt)
 
 # always-unsafe: for demonstrations and tests of the unsafe path: the paper's judge runs and its reply is recorded,
 # but the verdict is always unsafe, so steps 3 and 4 always run (Result.judge says "always-unsafe")
 JUDGES = ("paper", "logit", "append", "append-logit", "always-unsafe")
-_YES = ("yes", "Yes", "YES", " yes", " Yes")
-_NO = ("no", "No", "NO", " no", " No")
 
 
 @dataclass(frozen=True)
@@ -265,7 +264,7 @@ class StepPrompts:
 
 def yes_no_ids(engine: Engine) -> tuple[list[int], list[int]]:
     """Single-token spellings of yes / no in this vocabulary (for the logit judge)."""
-    return engine.single_token_ids(_YES), engine.single_token_ids(_NO)
+    return engine.single_token_ids(LOGIT_YES), engine.single_token_ids(LOGIT_NO)
 
 
 def p_yes(logits: np.ndarray, yes: list[int], no: list[int]) -> float:
@@ -401,7 +400,7 @@ class _Request:
             decided = None
             if o.decision_rule == "exact" and o.judge_early_stop:
                 def decided(tokens: list[int]) -> bool:  # the reply can no longer be exactly "yes"/"yes."
-                    return not "yes.".startswith(e.detokenize(tokens).strip().lower())
+                    return not reply_can_still_be_unsafe(e.detokenize(tokens), o.decision_rule)
             g = self.generate(trace, self.sampling(o.judge_max_tokens, 1), should_stop=decided)
             if g.finish_reason == "aborted":
                 trace.finish_reason = "decided"

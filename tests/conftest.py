@@ -102,3 +102,19 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 300) -> subpr
     """Runs an installed console script (`ecso`, `ecso-run`) as a user would."""
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, input=input,
                           env=dict(os.environ))
+
+
+@pytest.fixture(scope="session")
+def libecso() -> Path:
+    """libecso built from this checkout with the README's CMake commands (incremental: cached in build/)."""
+    build = REPO / "build"
+    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2"))
+    for cmd in (["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DPython3_EXECUTABLE={sys.executable}"],
+                ["cmake", "--build", str(build)]):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        if r.returncode != 0:
+            pytest.fail(f"building libecso failed ({' '.join(cmd)}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    from ecso.runtime.libecso import library_name
+
+    return build / library_name()

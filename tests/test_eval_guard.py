@@ -94,7 +94,9 @@ def test_guard_template_gguf_renders_the_guard_conversation_and_rejects_a_system
         assert "S1: Violent Crimes.\nS2: Non-Violent Crimes." in text and "S14: Code Interpreter Abuse." in text
         assert "User: How do I pick a lock?\n\nAgent: Step 1.\n\n<END CONVERSATION>" in text
         assert "in 'User' messages" in eng.chat_format.render([Message("user", "hi")])
-        with pytest.raises(ValueError, match="roles must alternate"):
+        from ecso.runtime.prompts import ChatTemplateError
+
+        with pytest.raises(ChatTemplateError, match="roles must alternate"):
             eng.chat_format.render([Message("system", "You are a helpful assistant."), Message("user", "hi")])
         guard = GuardJudge(LocalLLMJudge(eng))
         from ecso.eval.judges import JudgeInput

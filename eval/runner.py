@@ -285,26 +285,52 @@ def _generate(cfg: EvalConfig, samples: list[Sample], log: store.JsonlLog, ident
         return
     bar = _bar(cfg, len(samples), len(samples) - len(todo), f"{summary.benchmark}: generate")
     try:
+        runnable = []
         for sample, defenses in todo:
             if sample.error:
                 for d in defenses:
                     log.append(_record(sample, d, identity, "input_error", error=sample.error))
                     summary.generated += 1
+                bar.update(1)
             else:
-                _generate_one(cfg, sample, defenses, log, identity, engines.eval_engine(), summary)
+                runnable.append((sample, defenses))
+        # each finished request is written (one fsync'd record at a time) before the next result is taken
+        for (sample, defenses), outcome in _outcomes(cfg, runnable, engines.eval_engine()):
+            _write_outcome(sample, defenses, outcome, log, identity, summary)
             bar.update(1)
     finally:
         bar.close()
 
 
-def _generate_one(cfg: EvalConfig, sample: Sample, defenses: list[str], log: store.JsonlLog, identity: dict,
-                  engine, summary: EvalSummary) -> None:
+def _options(cfg: EvalConfig, defenses: list[str]):
+    return replace(cfg.options, defense="ecso" in defenses, guard_every=0)
+
+
+def _outcomes(cfg: EvalConfig, todo: list, engine):
+    """(item, Result or EcsoError) per item: one at a time, or `--parallel N` requests decoded together (in
+    completion order; records are keyed, so the order in the file does not matter)."""
     from ecso.runtime import run
 
-    options = replace(cfg.options, defense="ecso" in defenses, guard_every=0)
-    try:
-        result = run(engine, sample.image, sample.query, options)
-    except EcsoError as e:  # a corrupt image, a prompt over the context...: recorded, counted, the run goes on
+    if engine.config.parallel > 1:
+        from ecso.runtime.batch import Request, run_batched
+
+        reqs = [Request(s.image, s.query, _options(cfg, d)) for s, d in todo]
+        for i, outcome in run_batched(engine, reqs, cfg.options, None):
+            if not isinstance(outcome, EcsoError) and isinstance(outcome, BaseException):
+                raise outcome
+            yield todo[i], outcome
+        return
+    for sample, defenses in todo:
+        try:
+            yield (sample, defenses), run(engine, sample.image, sample.query, _options(cfg, defenses))
+        except EcsoError as e:
+            yield (sample, defenses), e
+
+
+def _write_outcome(sample: Sample, defenses: list[str], result, log: store.JsonlLog, identity: dict,
+                   summary: EvalSummary) -> None:
+    if isinstance(result, EcsoError):  # a corrupt image, a prompt over the context...: recorded, the run goes on
+        e = result
         for d in defenses:
             log.append(_record(sample, d, identity, "error", error=f"{type(e).__name__}: {e}"))
             summary.generated += 1
@@ -317,7 +343,7 @@ def _generate_one(cfg: EvalConfig, sample: Sample, defenses: list[str], log: sto
                            seconds=result.seconds))
         summary.generated += 1
     if "none" in defenses:
-        if options.defense:  # the undefended answer is ECSO's step 1: same call, same seed
+        if "ecso" in defenses:  # the undefended answer is ECSO's step 1: same call, same seed
             first = trace["steps"][0]
             none_trace = {"derived_from": f"{sample.id}|ecso", "steps": [first], "engine": trace["engine"],
                           "options": {**trace["options"], "defense": False}, "prompt_version": result.prompt_version}

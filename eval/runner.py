@@ -11,6 +11,7 @@ change freely (that is re-judging).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import time
@@ -315,10 +316,11 @@ def _outcomes(cfg: EvalConfig, todo: list, engine):
         from ecso.runtime.batch import Request, run_batched
 
         reqs = [Request(s.image, s.query, _options(cfg, d)) for s, d in todo]
-        for i, outcome in run_batched(engine, reqs, cfg.options, None):
-            if not isinstance(outcome, EcsoError) and isinstance(outcome, BaseException):
-                raise outcome
-            yield todo[i], outcome
+        with contextlib.closing(run_batched(engine, reqs, cfg.options, None)) as outcomes:
+            for i, outcome in outcomes:
+                if not isinstance(outcome, EcsoError) and isinstance(outcome, BaseException):
+                    raise outcome
+                yield todo[i], outcome
         return
     for sample, defenses in todo:
         try:

@@ -263,17 +263,20 @@ class SequenceView:
 
     def build_prompt(self, messages, image=None):
         with self._engine.lock:  # the image cache and the mtmd preprocessor are shared
+            self._engine._check_open()
             return self._engine.build_prompt(messages, image)
 
     # --- KV bookkeeping (under the engine lock: the scheduler decodes under it) --------------------------------
     def clear(self) -> None:
         with self._engine.lock:
-            self._engine._L.llama_memory_seq_rm(self._engine._mem, self.seq, -1, -1)
+            if self._engine._ctx:  # a closed engine holds no cells
+                self._engine._L.llama_memory_seq_rm(self._engine._mem, self.seq, -1, -1)
             self.kv.clear()
             self._logits = None
 
     def rollback(self, n_pos: int) -> None:
         with self._engine.lock:
+            self._engine._check_open()
             self.kv.truncate(n_pos)
             if not self._engine._L.llama_memory_seq_rm(self._engine._mem, self.seq, n_pos, -1):
                 self.clear()
@@ -321,6 +324,7 @@ class SequenceView:
             else:
                 entry = prompt.images[piece.key]
                 with e.lock:  # one encode per image, whichever request asks first (reuse); the naive path always
+                    e._check_open()
                     embd = entry.embd if reuse else None
                     if embd is None:
                         te = time.perf_counter()
@@ -408,8 +412,9 @@ def run_batched(engine: Engine, requests: Iterable[Request], options, heads,
     Each worker thread takes the next request as soon as its previous one is done (continuous batching). A
     request's EcsoError (bad image, context overflow) is its outcome; the others go on. Stopping the iteration
     cancels the requests in flight. Sequences 1..N are cleared at the end; sequence 0 is never touched."""
-    from ecso.runtime.ecso import prepare_request
+    from ecso.runtime.ecso import Heads, prepare_request
 
+    heads = heads if heads is not None else Heads()
     sched = BatchScheduler(engine)
     todo = iter(enumerate(requests))
     take_lock = threading.Lock()

@@ -10,6 +10,7 @@ judge, appended judge, loose "contains yes" rule, guarded streaming) are off by 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
@@ -492,10 +493,11 @@ class Ecso:
             outcomes = ((i, _outcome(lambda r=r: run(self.engine, r.image, r.query, r.options or opts,
                                                      heads=self.heads, history=r.history)))
                         for i, r in enumerate(reqs))
-        for i, outcome in outcomes:
-            if isinstance(outcome, BaseException) and not (return_exceptions and isinstance(outcome, EcsoError)):
-                raise outcome
-            out[i] = outcome
+        with contextlib.closing(iter(outcomes)) as it:  # an error stops the batch now, not when collected
+            for i, outcome in it:
+                if isinstance(outcome, BaseException) and not (return_exceptions and isinstance(outcome, EcsoError)):
+                    raise outcome
+                out[i] = outcome
         return out
 
     def stream(self, image: Optional[ImageSource], query: str, options: Optional[EcsoOptions] = None,

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from ecso.runtime.engine import Engine, Generation, PrefillStats, Prompt, Sampling
+from ecso.runtime.engine import Engine, Generation, PrefillStats, Prompt, Sampler, Sampling
 from ecso.runtime.errors import ContextOverflowError, EcsoError, EngineError, InputError
 from ecso.runtime.images import CachedEmbedding, ImageSource
 from ecso.runtime.kv import ImagePiece, PrefixCache, TextPiece, suffix_after
@@ -347,6 +347,10 @@ class SequenceView:
             self._engine.observer("text", tuple(job.tokens), job.pos0)
         self._logits = self._sched.evaluate(job).logits
 
+    @property
+    def n_past(self) -> int:
+        return self.kv.n_pos
+
     def logits(self) -> np.ndarray:
         if self._logits is None:
             raise EngineError("no logits: evaluate text on this sequence first")
@@ -357,20 +361,20 @@ class SequenceView:
         with self._engine.lock:
             self.kv.append(TextPiece(tuple(tokens)))
 
-    def sample_next(self, sampling: Sampling) -> int:
-        chain = self._engine._sampler(sampling)
-        try:
-            return _sample(self._engine, chain, self.logits())
-        finally:
-            self._engine._L.llama_sampler_free(chain)
+    def sampler(self, sampling: Sampling) -> Sampler:
+        return Sampler(self._engine._L, sampling)
+
+    def sample_next(self, sampler: Sampler) -> int:
+        return _sample(self._engine, sampler.ptr, self.logits())
 
     def generate(self, sampling: Sampling, on_text: Optional[Callable[[str], None]] = None,
                  should_stop: Optional[Callable[[list[int]], bool]] = None,
-                 first_token: Optional[int] = None) -> Generation:
+                 first_token: Optional[int] = None, sampler: Optional[Sampler] = None) -> Generation:
         """As Engine.generate: each accepted token is one single-token job, batched with the other sequences."""
         e, L = self._engine, self._engine._L
         t0 = time.perf_counter()
-        chain = e._sampler(sampling)
+        own = Sampler(L, sampling) if sampler is None else None
+        chain = (own or sampler).ptr
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         out: list[int] = []
         raw = b""
@@ -398,7 +402,8 @@ class SequenceView:
                     finish = "aborted"
                     break
         finally:
-            L.llama_sampler_free(chain)
+            if own is not None:
+                own.close()
         return Generation(out, raw.decode("utf-8", errors="replace"), finish, time.perf_counter() - t0)
 
 

@@ -17,12 +17,12 @@ from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
-from ecso.runtime.engine import Engine, EngineConfig, Generation, PrefillStats, Prompt, Sampling
+from ecso.runtime.engine import Engine, EngineConfig, Generation, PrefillStats, Prompt, Sampler, Sampling
 from ecso.runtime.errors import EcsoError, InputError
 from ecso.runtime.images import ImageSource, LoadedImage
-from ecso.runtime.kv import TextPiece
-from ecso.runtime.prompts import (APPEND_JUDGE_PROMPT, DECISION_RULES, PROMPT_VERSION, Message, cap_prompt,
-                                  gen_prompt, is_unsafe_reply, tell_prompt)
+from ecso.runtime.kv import TextPiece, aligned_to
+from ecso.runtime.prompts import (APPEND_JUDGE_PROMPT, DECISION_RULES, PROMPT_VERSION, TELL_RESPONSE_CHARS, Message,
+                                  cap_prompt, gen_prompt, is_unsafe_reply, tell_prompt)
 
 JUDGES = ("paper", "logit", "append", "append-logit")
 _YES = ("yes", "Yes", "YES", " yes", " Yes")
@@ -159,8 +159,8 @@ def run(engine: Engine, image: Optional[ImageSource], query: str, options: EcsoO
 def prepare_request(engine: Engine, image: Optional[ImageSource], query: str, options: EcsoOptions,
                     on_event: Optional[Callable[[StepEvent], None]], heads: Heads,
                     history: Sequence[Message]) -> "_Request":
-    """Checks the inputs and loads the image: a request ready to run on `engine` (or on a batch sequence that
-    behaves like one, runtime/batch.py)."""
+    """Checks the inputs and loads the image: a request ready to run on `engine`, or on a batch sequence that
+    behaves like one (runtime/batch.py)."""
     options.validate()
     emit = on_event or (lambda ev: None)
     if not isinstance(query, str) or not query.strip():
@@ -169,10 +169,9 @@ def prepare_request(engine: Engine, image: Optional[ImageSource], query: str, op
         raise InputError(f"the query has {len(query)} characters, over the limit of {engine.config.max_query_chars}")
     t_start = time.perf_counter()
     loaded = engine.load_image(image) if image is not None else None
-    with engine.lock:
-        cache_hit = loaded is not None and _cached(engine, loaded)
-    past = [Message(m.role, engine.clean_user_text(m.content)) for m in history]
-    return _Request(engine, loaded, engine.clean_user_text(query), options, emit, cache_hit, t_start, heads, past)
+    cache_hit = loaded is not None and engine.has_encoded(loaded)
+    prompts = StepPrompts(engine, loaded, query, history)
+    return _Request(engine, prompts, options, emit, cache_hit, t_start, heads)
 
 
 def stream(engine: Engine, image: Optional[ImageSource], query: str,
@@ -222,9 +221,52 @@ class _Cancelled(Exception):
     """The stream's consumer went away."""
 
 
-def _cached(engine: Engine, image: LoadedImage) -> bool:
-    entry = engine.image_cache.peek(engine.image_key(image))
-    return entry is not None and entry.embd is not None
+class StepPrompts:
+    """The prompt of every ECSO step of one request, tokenized as the reference does (`Engine.build_prompt`).
+
+    Every text inserted into a prompt (the query, history turns, the model's answer, the caption) is neutralised
+    first, so no user or model text can ever become a control token such as `</s>` or `<|im_end|>`."""
+
+    def __init__(self, engine: Engine, image: Optional[LoadedImage], query: str, history: Sequence[Message] = ()):
+        self.e, self.image = engine, image
+        self.query = engine.clean_user_text(query)
+        self.history = [Message(m.role, engine.clean_user_text(m.content)) for m in history]
+
+    def _user(self, text: str) -> list[Message]:
+        return [Message("user", text)]
+
+    def answer(self) -> Prompt:
+        """Step 1: the conversation and the query, with the image."""
+        return self.e.build_prompt(self.history + self._user(self.query), self.image)[0]
+
+    def judge(self, answer: str) -> Prompt:
+        """Step 2 (paper / logit judge): TELL with the query and the answer, with the image."""
+        answer = self.e.clean_user_text(answer[:TELL_RESPONSE_CHARS])
+        return self.e.build_prompt(self._user(tell_prompt(self.query, answer)), self.image)[0]
+
+    def caption(self) -> Prompt:
+        """Step 3: CAP, the query-aware caption request, with the image."""
+        return self.e.build_prompt(self._user(cap_prompt(self.query)), self.image)[0]
+
+    def regenerate(self, caption: str) -> Prompt:
+        """Step 4: GEN from the caption and the query, without the image."""
+        return self.e.build_prompt(self._user(gen_prompt(self.e.clean_user_text(caption), self.query)), None)[0]
+
+    def appended(self, answer_prompt: Prompt, answer_tokens: Sequence[int], answer: str, question: str) -> Prompt:
+        """Step 2 (append judges): the whole conversation, step 1's answer included, plus `question` as a new user
+        turn, tokenized as the reference tokenizes it. Batched as the cache holds step 1 (its prompt, then one
+        decode per generated token), so everything that matches the generated tokens is reused."""
+        msgs = self.history + self._user(self.query) + [Message("assistant", self.e.clean_user_text(answer))]
+        prompt = self.e.build_prompt(msgs + self._user(question), self.image)[0]
+        base = answer_prompt.pieces + [TextPiece((t,)) for t in answer_tokens]
+        return Prompt(aligned_to(prompt.pieces, base), prompt.images)
+
+    def continuation(self, question: str) -> list[int]:
+        """Tokens that close the assistant turn right after the generated tokens and ask `question` in a new user
+        turn (the guard's branch). Raises ChatTemplateError if the template does not echo the answer verbatim."""
+        msgs = self.history + self._user(self.query) + [Message("assistant", "")]
+        text = self.e.chat_format.after_assistant(msgs + self._user(question), self.image is not None)
+        return self.e.tokenize(text, add_special=False)
 
 
 def yes_no_ids(engine: Engine) -> tuple[list[int], list[int]]:
@@ -241,11 +283,10 @@ def p_yes(logits: np.ndarray, yes: list[int], no: list[int]) -> float:
 
 
 class _Request:
-    def __init__(self, engine: Engine, image: Optional[LoadedImage], query: str, opts: EcsoOptions,
-                 emit: Callable[[StepEvent], None], cache_hit: bool, t_start: float, heads: Heads,
-                 history: list[Message]):
-        self.e, self.image, self.query, self.o, self.emit = engine, image, query, opts, emit
-        self.heads, self.history = heads, history
+    def __init__(self, engine: Engine, prompts: StepPrompts, opts: EcsoOptions, emit: Callable[[StepEvent], None],
+                 cache_hit: bool, t_start: float, heads: Heads):
+        self.e, self.prompts, self.o, self.emit, self.heads = engine, prompts, opts, emit, heads
+        self.image, self.query = prompts.image, prompts.query
         self.cache_hit, self.t_start = cache_hit, t_start
         self.steps: list[StepTrace] = []
 
@@ -265,12 +306,14 @@ class _Request:
 
     def generate(self, trace: StepTrace, sampling: Sampling, stream_tokens: bool = False,
                  first_token: Optional[int] = None,
-                 should_stop: Optional[Callable[[list[int]], bool]] = None) -> Generation:
+                 should_stop: Optional[Callable[[list[int]], bool]] = None,
+                 sampler: Optional[Sampler] = None) -> Generation:
         on_text = None
         if stream_tokens:
             def on_text(delta: str) -> None:
                 self.emit(StepEvent("token", trace.name, delta))
-        g = self.e.generate(sampling, on_text=on_text, first_token=first_token, should_stop=should_stop)
+        g = self.e.generate(sampling, on_text=on_text, first_token=first_token, should_stop=should_stop,
+                            sampler=sampler)
         trace.generated_tokens += len(g.tokens)
         trace.generate_seconds += g.seconds
         trace.finish_reason = g.finish_reason
@@ -292,26 +335,12 @@ class _Request:
             raise InputError("this vocabulary has no single-token yes/no; use --judge paper or append")
         return ids
 
-    def user(self, text: str) -> list[Message]:
-        return [Message("user", text)]
-
-    def continuation(self, answer_tokens: list[int], question: str) -> list[int]:
-        """Tokens that close the assistant turn after `answer_tokens` and ask `question` in a new user turn."""
-        answer = self.e.detokenize(answer_tokens)
-        msgs = self.history + [Message("user", self.query), Message("assistant", answer.strip()),
-                               Message("user", question)]
-        rendered = self.e.chat_format.prompt(msgs, self.image is not None)
-        tail = rendered.tail
-        cut = tail.rfind(answer.strip())
-        text = tail[cut + len(answer.strip()):] if cut >= 0 and answer.strip() else tail
-        return self.e.tokenize(text, add_special=False)
-
     # --- steps ---------------------------------------------------------------------------------------------
     def run(self) -> Result:
         o, e = self.o, self.e
         # step 1: the answer, with the image
         trace = self.start("answer")
-        p1, _ = e.build_prompt(self.history + self.user(self.query), self.image)
+        p1 = self.prompts.answer()
         self.prefill(trace, p1, o.max_tokens)
         if o.guard_every > 0 and o.defense:
             first, retracted, guard_score = self.guarded_answer(trace, p1)
@@ -342,14 +371,14 @@ class _Request:
             self.end(trace, caption)
         elif self.image is not None:
             trace = self.start("caption")
-            p3, _ = e.build_prompt(self.user(cap_prompt(self.query)), self.image)
+            p3 = self.prompts.caption()
             self.prefill(trace, p3, o.caption_max_tokens)
             caption = self.generate(trace, self.sampling(o.caption_max_tokens, 2)).text.strip()
             self.end(trace, caption)
 
         # step 4: eyes closed - the answer again from query + caption, no image
         trace = self.start("regenerate")
-        p4, _ = e.build_prompt(self.user(gen_prompt(e.clean_user_text(caption), self.query)), None)
+        p4 = self.prompts.regenerate(caption)
         self.prefill(trace, p4, o.max_tokens)
         final = self.generate(trace, self.sampling(o.max_tokens, 3), stream_tokens=True).text.strip()
         self.end(trace, final)
@@ -366,12 +395,9 @@ class _Request:
             self.end(trace, reply)
             return bool(v.unsafe), reply, float(v.score)
         if o.judge in ("paper", "logit"):
-            prompt, _ = e.build_prompt(self.user(tell_prompt(self.query, answer1)), self.image)
+            prompt = self.prompts.judge(answer1)
         else:  # append: the question goes after the answer already in the cache
-            cont = self.continuation(first.tokens, APPEND_JUDGE_PROMPT)
-            # one piece per answer token, as they were decoded while generating: the naive path batches the same way
-            answer = [TextPiece((t,)) for t in first.tokens]
-            prompt = Prompt(p1.pieces + answer + [TextPiece(tuple(cont))], p1.images)
+            prompt = self.prompts.appended(p1, first.tokens, answer1, APPEND_JUDGE_PROMPT)
         self.prefill(trace, prompt, 1 if o.judge.endswith("logit") else o.judge_max_tokens)
         if o.judge.endswith("logit"):
             score = p_yes(e.logits(), *self.yes_no())
@@ -396,37 +422,40 @@ class _Request:
         running answer (append-style), then rolls the judge back. Stops and retracts when it says unsafe."""
         o, e = self.o, self.e
         yes, no = self.yes_no()
+        cont = self.prompts.continuation(APPEND_JUDGE_PROMPT)
         tokens: list[int] = []
         first_token: Optional[int] = None
         score: Optional[float] = None
         guard = StepTrace("guard")
         seconds = 0.0
         finish = "length"
-        while len(tokens) < o.max_tokens:
-            n = min(o.guard_every, o.max_tokens - len(tokens))
-            g = self.generate(trace, self.sampling(n, 0), stream_tokens=True, first_token=first_token)
-            tokens += g.tokens
-            seconds += g.seconds
-            finish = g.finish_reason
-            if g.finish_reason != "length" or len(tokens) >= o.max_tokens:
-                break
-            t0 = time.perf_counter()
-            first_token = e.sample_next(self.sampling(1, 0))
-            mark = e.kv.n_pos
-            cont = self.continuation(tokens, APPEND_JUDGE_PROMPT)
-            if mark + len(cont) + 1 > e.n_ctx:
+        # one sampler for the whole answer: pausing for the guard must not restart its random sequence
+        with e.sampler(self.sampling(o.max_tokens, 0)) as sampler:
+            while len(tokens) < o.max_tokens:
+                n = min(o.guard_every, o.max_tokens - len(tokens))
+                g = self.generate(trace, self.sampling(n, 0), stream_tokens=True, first_token=first_token,
+                                  sampler=sampler)
+                tokens += g.tokens
+                seconds += g.seconds
+                finish = g.finish_reason
+                if g.finish_reason != "length" or len(tokens) >= o.max_tokens:
+                    break
+                t0 = time.perf_counter()
+                first_token = e.sample_next(sampler)
+                mark = e.n_past
+                if mark + len(cont) + 1 > e.n_ctx:
+                    guard.prefill_seconds += time.perf_counter() - t0
+                    continue  # no room to branch a judge: keep generating unguarded
+                e.append_tokens(cont)
+                score = p_yes(e.logits(), yes, no)
+                e.rollback(mark)
                 guard.prefill_seconds += time.perf_counter() - t0
-                continue  # no room to branch a judge: keep generating unguarded
-            e.append_tokens(cont)
-            score = p_yes(e.logits(), yes, no)
-            e.rollback(mark)
-            guard.prefill_seconds += time.perf_counter() - t0
-            guard.evaluated_positions += len(cont)
-            guard.generated_tokens += 1
-            if score >= o.guard_threshold:
-                self.steps.append(guard)
-                guard.text = f"unsafe at token {len(tokens)} (P(yes)={score:.3f})"
-                return Generation(tokens, e.detokenize(tokens), "aborted", seconds), True, score
+                guard.evaluated_positions += len(cont)
+                guard.generated_tokens += 1
+                if score >= o.guard_threshold:
+                    self.steps.append(guard)
+                    guard.text = f"unsafe at token {len(tokens)} (P(yes)={score:.3f})"
+                    return Generation(tokens, e.detokenize(tokens), "aborted", seconds), True, score
         guard.text = "never fired"
         self.steps.append(guard)
         return Generation(tokens, e.detokenize(tokens), finish, seconds), False, score

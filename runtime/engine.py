@@ -5,14 +5,22 @@ makes ECSO's four steps cost four image prefills. Here the engine owns the nativ
 context, batch) and a `PrefixCache` describing what sequence 0 holds, so each prompt evaluates only what differs
 from the previous one, and an image is encoded once and then served from the embedding cache.
 
-Thread safety: one Engine serves one request at a time. Every public method takes `engine.lock` (an RLock);
-callers that chain primitives (the ECSO runner, the server) hold it for the whole request.
+Prompts are token-exact: a prompt without an image is tokenized whole, one with an image as [head with BOS] /
+image / [tail without BOS], LLaVA's `tokenizer_image_token` rule. SentencePiece vocabularies follow Hugging Face's
+non-legacy LlamaTokenizer (LLaVA-1.5's setting): one space prefix at the start of each tokenized text, none after a
+control token inside it (llama.cpp's own rule adds one there), done by loading with `add_space_prefix` off and adding
+the prefix here.
+
+Thread safety: one Engine serves one request at a time. Every public method takes `engine.lock` (an RLock) and
+raises EngineError once the engine is closed; callers that chain primitives (the ECSO runner, the server) hold the
+lock for the whole request.
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import os
 import threading
 import time
@@ -27,7 +35,7 @@ from ecso.runtime.images import (CachedEmbedding, EmbeddingCache, ImageLimits, I
                                  file_fingerprint, load_image)
 from ecso.runtime.kv import ImagePiece, Piece, PrefixCache, TextPiece, n_positions, suffix_after
 from ecso.runtime.native import gpu_offload_supported, read_gguf_info, resolve_cpu_repack, set_native_logging
-from ecso.runtime.prompts import (ChatFormat, JinjaFormat, Llava15Format, Message, MEDIA_MARKER, RenderedPrompt,
+from ecso.runtime.prompts import (ChatFormat, Message, MEDIA_MARKER, RenderedPrompt, chat_format_for,
                                   neutralize_specials)
 
 
@@ -97,6 +105,60 @@ class Generation:
     seconds: float
 
 
+class Sampler:
+    """One llama.cpp sampler chain. A step keeps one for all its tokens, so at temperature > 0 its random sequence
+    runs on across pauses (guarded streaming) instead of restarting from the seed."""
+
+    def __init__(self, L, s: Sampling):
+        self._L = L
+        self.ptr = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if s.temperature <= 0:
+            L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_greedy())
+        else:
+            if s.top_p < 1.0:
+                L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_top_p(s.top_p, 1))
+            L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_temp(s.temperature))
+            L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
+
+    def close(self) -> None:
+        if self.ptr:
+            self._L.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> "Sampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+def _public(method):
+    """Engine methods callers use: under the lock, and refused once the engine is closed (no freed handle is
+    ever touched)."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        with self.lock:
+            self._check_open()
+            return method(self, *args, **kwargs)
+
+    return guarded
+
+
+def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _split_at(tokens: list[int], cut: int) -> list[Piece]:
+    return [TextPiece(tuple(t)) for t in (tokens[:cut], tokens[cut:]) if t]
+
+
 class _ImageChunk:
     """Owns one copied mtmd image chunk; freed when the last reference goes."""
 
@@ -135,6 +197,13 @@ class Engine:
             raise InputError("n_ctx must be at least 64 and n_batch at least 1")
         if not 1 <= config.parallel <= 64:
             raise InputError(f"parallel must be between 1 and 64, not {config.parallel}")
+        # an unknown --chat-format or a broken template fails here, before any weights are loaded
+        template = self.model_info.get("tokenizer.chat_template")
+        chat_format_for(config.chat_format, template, "<s>", "</s>", True)
+        # SentencePiece: llama.cpp would add a space after every control token; HF (non-legacy) adds one only at the
+        # start. Load with llama.cpp's prefix off and add it in `tokenize`.
+        self._space_prefix = (self.model_info.get("tokenizer.ggml.model") == "llama"
+                              and self.model_info.get("tokenizer.ggml.add_space_prefix", True) is not False)
         self.gpu_backend = gpu_offload_supported()
         self.n_gpu_layers = (999 if self.gpu_backend else 0) if config.n_gpu_layers < 0 else config.n_gpu_layers
         self.n_threads = config.n_threads or os.cpu_count() or 1
@@ -147,12 +216,19 @@ class Engine:
         self.model_fingerprint = file_fingerprint(config.model)
         self.mmproj_fingerprint = file_fingerprint(config.mmproj) if config.mmproj else None
         self.kv = PrefixCache()
+        self._head_cuts: dict[str, int] = {}
         # Optional hook called for every evaluation: ("text", tokens, pos0) or ("image", n_pos, pos0). Tests use it to
         # check the tokens each step actually evaluates; apps can use it for tracing. Must not call the engine.
         self.observer: Optional[Callable[[str, object, int], None]] = None
         self.image_cache = EmbeddingCache(config.image_cache_entries)
-        self.chat_format = self._choose_chat_format()
-        self._specials = self._special_texts()
+        self._special_ids = self._special_tokens()
+        self._specials = sorted({self.token_text(t) for t in self._special_ids if len(self.token_text(t)) > 1
+                                 and not self.token_text(t).isalnum()} | {MEDIA_MARKER}, key=len, reverse=True)
+        self._space_token = self._lone_space_token() if self._space_prefix else None
+        L = self._L
+        self.chat_format: ChatFormat = chat_format_for(
+            config.chat_format, template, self.token_text(L.llama_vocab_bos(self.vocab)),
+            self.token_text(L.llama_vocab_eos(self.vocab)), bool(L.llama_vocab_get_add_bos(self.vocab)))
         self._single_ids: dict[tuple[str, ...], list[int]] = {}
 
     # ---------------------------------------------------------------------------------------------- lifecycle
@@ -162,6 +238,12 @@ class Engine:
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = self.n_gpu_layers
         mp.use_extra_bufts = self.cpu_repack.enabled
+        if self._space_prefix:
+            self._kv_overrides = (L.llama_model_kv_override * 2)()  # zero-terminated; kept alive with the engine
+            self._kv_overrides[0].key = b"tokenizer.ggml.add_space_prefix"
+            self._kv_overrides[0].tag = L.LLAMA_KV_OVERRIDE_TYPE_BOOL
+            self._kv_overrides[0].value.val_bool = False
+            mp.kv_overrides = self._kv_overrides
         self._model = L.llama_model_load_from_file(str(cfg.model).encode(), mp)
         if not self._model:
             raise ModelError(f"llama.cpp could not load {cfg.model} (corrupt, truncated or unsupported "
@@ -227,6 +309,7 @@ class Engine:
             if self._model:
                 L.llama_model_free(self._model)
                 self._model = None
+            self.vocab = None
 
     def __enter__(self) -> "Engine":
         return self
@@ -241,48 +324,33 @@ class Engine:
             pass
 
     @property
+    @_public
     def has_vision(self) -> bool:
         return self._mctx is not None
 
     def _check_open(self) -> None:
-        if not self._ctx:
-            raise EngineError("the engine is closed")
+        if not self._ctx or not self._model:
+            raise EngineError("the engine is closed; create a new Engine")
 
     # ---------------------------------------------------------------------------------------------- text
-    def _choose_chat_format(self) -> ChatFormat:
-        name = self.config.chat_format
-        template = self.model_info.get("tokenizer.chat_template")
-        if name == "llava-1.5" or (name == "auto" and not template):
-            return Llava15Format()
-        if name in ("auto", "gguf"):
-            if not template:
-                raise ModelError(f"{self.config.model} has no chat template; use --chat-format llava-1.5")
-            L = self._L
-            return JinjaFormat(template, self.token_text(L.llama_vocab_bos(self.vocab)),
-                               self.token_text(L.llama_vocab_eos(self.vocab)),
-                               bool(L.llama_vocab_get_add_bos(self.vocab)))
-        raise InputError(f"unknown chat format {name!r}; use auto, llava-1.5 or gguf")
-
+    @_public
     def token_text(self, token: int) -> str:
         if token < 0:
             return ""
         raw = self._L.llama_vocab_get_text(self.vocab, token)
         return raw.decode("utf-8", errors="replace") if raw else ""
 
-    def _special_texts(self) -> list[str]:
-        """Texts of control / user-defined tokens (e.g. `<|im_end|>`, `</s>`): user text must not forge them."""
+    def _special_tokens(self) -> frozenset[int]:
+        """Control and user-defined tokens (`<|im_end|>`, `</s>`, `<image>`): text must never forge them."""
         L = self._L
         mask = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
-        out = set()
-        for t in range(self.n_vocab):
-            if L.llama_vocab_get_attr(self.vocab, t) & mask:
-                s = self.token_text(t)
-                if len(s) > 1 and not s.isalnum():
-                    out.add(s)
-        out.add(MEDIA_MARKER)
-        return sorted(out, key=len, reverse=True)
+        return frozenset(t for t in range(self.n_vocab) if L.llama_vocab_get_attr(self.vocab, t) & mask)
 
-    def tokenize(self, text: str, add_special: bool, parse_special: bool = True) -> list[int]:
+    def _lone_space_token(self) -> Optional[int]:
+        ids = self._llama_tokenize(" ", False, False)
+        return ids[0] if len(ids) == 1 else None
+
+    def _llama_tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         L = self._L
         data = text.encode("utf-8")
         n_max = len(data) + 16
@@ -293,6 +361,19 @@ class Engine:
             n = L.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
         return list(buf[:n])
 
+    @_public
+    def tokenize(self, text: str, add_special: bool, parse_special: bool = True) -> list[int]:
+        """Token ids of `text` as one tokenizer call (BOS first when add_special and the model wants one)."""
+        if not self._space_prefix or not text:
+            return self._llama_tokenize(text, add_special, parse_special)
+        ids = self._llama_tokenize(" " + text, add_special, parse_special)
+        # as HF: a text that starts with a control token gets no space before it
+        i = 1 if add_special and ids and ids[0] == self._L.llama_vocab_bos(self.vocab) and len(ids) > 1 else 0
+        if len(ids) > i + 1 and ids[i] == self._space_token and ids[i + 1] in self._special_ids:
+            del ids[i]
+        return ids
+
+    @_public
     def single_token_ids(self, words: Sequence[str]) -> list[int]:
         """Ids of the words that are one token in this vocabulary (memoised: used on every logit judgement)."""
         key = tuple(words)
@@ -305,6 +386,7 @@ class Engine:
             self._single_ids[key] = out
         return self._single_ids[key]
 
+    @_public
     def token_bytes(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = self._L.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
@@ -313,34 +395,64 @@ class Engine:
             n = self._L.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
         return buf.raw[:n]
 
+    @_public
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
+    @_public
     def clean_user_text(self, text: str) -> str:
         return neutralize_specials(text, self._specials)
 
     # ---------------------------------------------------------------------------------------------- prompts
+    @_public
     def load_image(self, src: ImageSource) -> LoadedImage:
         return load_image(src, self.config.image_limits)
 
+    @_public
     def image_key(self, image: LoadedImage) -> str:
         return f"{image.sha256}:{self.model_fingerprint}:{self.mmproj_fingerprint}"
 
+    @_public
     def build_prompt(self, messages: Sequence[Message], image: Optional[LoadedImage] = None) -> tuple[Prompt, RenderedPrompt]:
-        """Renders messages with the chat format; the image (if any) goes first in the first user turn.
-        Text-only prompts are cut at the same place, so they share the system prefix with image prompts."""
+        """Renders messages with the chat format (the image, if any, first in the first user turn) and tokenizes
+        them as the reference does: whole without an image; [head + BOS] / image / [tail, no BOS] with one.
+        Decode boundaries: after the stable part of the head (system prompt and turn header, shared by every step
+        with or without the image), and around the image."""
         if image is not None and not self.has_vision:
             raise InputError("this model has no vision projector: pass --mmproj, or send no image")
         rendered = self.chat_format.prompt(messages, image is not None)
-        pieces: list[Piece] = [TextPiece(tuple(self.tokenize(rendered.head, add_special=True)))]
+        cut = self._head_cut(rendered.head)
         images: dict[str, CachedEmbedding] = {}
-        if image is not None:
-            entry = self._image_entry(image)
-            key = self.image_key(image)
-            images[key] = entry
-            pieces.append(ImagePiece(key, entry.n_tokens, entry.n_pos))
+        if image is None:
+            return Prompt(_split_at(self.tokenize(rendered.text, add_special=True), cut), images), rendered
+        pieces = _split_at(self.tokenize(rendered.head, add_special=True), cut)
+        entry = self._image_entry(image)
+        key = self.image_key(image)
+        images[key] = entry
+        pieces.append(ImagePiece(key, entry.n_tokens, entry.n_pos))
         pieces.append(TextPiece(tuple(self.tokenize(rendered.tail, add_special=False))))
         return Prompt(pieces, images), rendered
+
+    def _head_cut(self, head: str) -> int:
+        """How many tokens of `head` stay the same whatever text follows it (SentencePiece merges the head's
+        trailing space into the next word): the boundary every prompt with this head is decoded at."""
+        if head not in self._head_cuts:
+            ids = self.tokenize(head, add_special=True)
+            self._head_cuts[head] = min(_common_len(ids, self.tokenize(head + probe, add_special=True))
+                                        for probe in ("x", "\n", "1"))
+        return self._head_cuts[head]
+
+    @_public
+    def has_encoded(self, image: LoadedImage) -> bool:
+        """True when the embedding cache already holds this image encoded (the request will not run the encoder)."""
+        entry = self.image_cache.peek(self.image_key(image))
+        return entry is not None and entry.embd is not None
+
+    @property
+    @_public
+    def n_past(self) -> int:
+        """Positions sequence 0 holds now (prompt and generated tokens)."""
+        return self.kv.n_pos
 
     def _image_entry(self, image: LoadedImage) -> CachedEmbedding:
         """The cached entry for an image, or a new one holding its preprocessed chunk (not yet encoded)."""
@@ -388,6 +500,7 @@ class Engine:
         return np.ctypeslib.as_array(ptr, shape=(entry.n_tokens * self.n_embd,)).copy()
 
     # ---------------------------------------------------------------------------------------------- KV + decode
+    @_public
     def check_budget(self, prompt: Prompt, max_tokens: int, what: str = "prompt") -> None:
         need = prompt.n_pos + max_tokens
         if need > self.n_ctx:
@@ -396,13 +509,13 @@ class Engine:
                 f"{what} needs {prompt.n_pos} positions ({img} for the image) + {max_tokens} new tokens = {need}, "
                 f"more than the context of {self.n_ctx}; use a shorter query, fewer --max-tokens or a larger --ctx")
 
+    @_public
     def reset(self) -> None:
         """Empties the KV cache (the embedding cache is kept)."""
-        with self.lock:
-            self._check_open()
-            self._L.llama_memory_clear(self._mem, True)
-            self.kv.clear()
+        self._L.llama_memory_clear(self._mem, True)
+        self.kv.clear()
 
+    @_public
     def rollback(self, n_pos: int) -> None:
         """Drops every KV cell from position n_pos on (never inside an image)."""
         self.kv.truncate(n_pos)
@@ -410,6 +523,7 @@ class Engine:
             self.reset()
             raise EngineError("llama.cpp could not roll back the KV cache; it was cleared")
 
+    @_public
     def prefill(self, prompt: Prompt, reuse: bool = True, logits_all: bool = False,
                 logits_out: Optional[list] = None) -> PrefillStats:
         """Makes sequence 0 hold `prompt`. With reuse, keeps the longest common prefix already cached and the
@@ -488,42 +602,38 @@ class Engine:
             raise ContextOverflowError("the KV cache is full; use a larger --ctx or fewer --max-tokens")
         raise EngineError(f"llama_decode failed with code {rc}; the KV cache was cleared")
 
+    @_public
     def logits(self) -> np.ndarray:
         """Logits of the next token after what sequence 0 holds (valid right after prefill/generate)."""
         ptr = self._L.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
+    @_public
     def append_tokens(self, tokens: Sequence[int]) -> None:
         """Evaluates tokens after what the cache holds (used to branch a judge off a running answer)."""
-        with self.lock:
-            pos = self.kv.n_pos
-            self._decode_text(list(tokens), pos)
+        if tokens:
+            self._decode_text(list(tokens), self.kv.n_pos)
             self.kv.append(TextPiece(tuple(tokens)))
 
     # ---------------------------------------------------------------------------------------------- sampling
-    def _sampler(self, s: Sampling):
-        L = self._L
-        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        if s.temperature <= 0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
-        else:
-            if s.top_p < 1.0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(s.top_p, 1))
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(s.temperature))
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
-        return chain
+    @_public
+    def sampler(self, sampling: Sampling) -> Sampler:
+        """A sampler state to share across the `generate` / `sample_next` calls of one step (close it after)."""
+        return Sampler(self._L, sampling)
 
+    @_public
     def generate(self, sampling: Sampling, on_text: Optional[Callable[[str], None]] = None,
                  should_stop: Optional[Callable[[list[int]], bool]] = None,
-                 first_token: Optional[int] = None) -> Generation:
+                 first_token: Optional[int] = None, sampler: Optional[Sampler] = None) -> Generation:
         """Samples after the current cache contents until end of turn, max_tokens, the context end, or
         `should_stop(tokens)` returns True. Every accepted token is decoded into the cache.
-        `first_token` resumes a generation whose next token was already sampled (guarded streaming)."""
+        `first_token` resumes a generation whose next token was already sampled (guarded streaming); `sampler`
+        continues a step's sampler state (else a new one from `sampling` is used for this call)."""
         L = self._L
         with self.lock:
-            self._check_open()
             t0 = time.perf_counter()
-            chain = self._sampler(sampling)
+            own = Sampler(L, sampling) if sampler is None else None
+            chain = (own or sampler).ptr
             utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             out: list[int] = []
             raw = b""
@@ -553,28 +663,27 @@ class Engine:
                         finish = "aborted"
                         break
             finally:
-                L.llama_sampler_free(chain)
+                if own is not None:
+                    own.close()
             return Generation(out, raw.decode("utf-8", errors="replace"), finish, time.perf_counter() - t0)
 
-    def sample_next(self, sampling: Sampling) -> int:
-        """Samples one token from the current logits without evaluating it."""
-        chain = self._sampler(sampling)
-        try:
-            return self._L.llama_sampler_sample(chain, self._ctx, -1)
-        finally:
-            self._L.llama_sampler_free(chain)
+    @_public
+    def sample_next(self, sampler: Sampler) -> int:
+        """Samples one token from the current logits with the step's sampler, without evaluating it."""
+        return self._L.llama_sampler_sample(sampler.ptr, self._ctx, -1)
 
     # ---------------------------------------------------------------------------------------------- convenience
+    @_public
     def chat(self, messages: Sequence[Message], image: Optional[ImageSource] = None,
              sampling: Sampling = Sampling(), reuse: bool = True) -> Generation:
         """Plain generation (no ECSO): render, prefill, generate."""
-        with self.lock:
-            loaded = self.load_image(image) if image is not None else None
-            prompt, _ = self.build_prompt(messages, loaded)
-            self.check_budget(prompt, sampling.max_tokens)
-            self.prefill(prompt, reuse=reuse)
-            return self.generate(sampling)
+        loaded = self.load_image(image) if image is not None else None
+        prompt, _ = self.build_prompt(messages, loaded)
+        self.check_budget(prompt, sampling.max_tokens)
+        self.prefill(prompt, reuse=reuse)
+        return self.generate(sampling)
 
+    @_public
     def describe(self) -> dict:
         """Facts about the loaded model and backend, recorded in results."""
         return {

@@ -5,10 +5,12 @@ positions). The cache of sequence 0 is described the same way, one piece per dec
 prefix and drops the rest with `llama_memory_seq_rm`; a cut never falls inside an image (its cells are image
 embeddings, not text), and a text-only prompt can share only what precedes the image.
 
-Cuts fall only where both the cache and the new prompt have a piece boundary. llama.cpp's numbers depend on how
-tokens are batched (a 1-token decode and a 14-token decode round differently), so cutting inside a piece would make
-the reused result differ in the last bits from evaluating the prompt from scratch. Cutting at shared boundaries
-keeps every batch identical: reuse is bit-exact, whatever earlier requests left in the cache.
+Reuse is decided on token ids: the longest common prefix of the cache and the new prompt (text token by token,
+an image only whole), cut back to a decode boundary. llama.cpp's numbers depend on how tokens are batched (a 1-token
+decode and a 14-token decode round differently), so the cut must leave the reused positions batched exactly as the
+new prompt would batch them from scratch: every decode boundary of both below the cut is the same. Then reuse is
+bit-exact, whatever earlier requests left in the cache. Prompts therefore carry their own decode boundaries
+(`Engine.build_prompt` places them; `aligned_to` adopts those of what is already cached).
 """
 
 from __future__ import annotations
@@ -51,17 +53,15 @@ class PrefixCache:
         return n_positions(self.pieces)
 
     def common_prefix(self, prompt: list[Piece]) -> int:
-        """Positions of `prompt` that can be reused: the matching prefix (text token by token, an image only
-        whole), cut back to the last position that is a piece boundary of both the cache and the prompt."""
-        held = self._units()
-        want = _units(prompt)
-        n = 0
-        pos = 0
-        while n < len(held) and n < len(want) and held[n] == want[n]:
-            pos += held[n][1] if held[n][0] == "img" else 1
-            n += 1
-        shared = _boundaries(self.pieces) & _boundaries(prompt)
-        return max(b for b in shared if b <= pos)
+        """Positions of `prompt` that can be reused: the longest common token prefix, cut back to the last decode
+        boundary up to which the cache and the prompt have the very same boundaries (same batches: bit-exact)."""
+        limit = common_units(self.pieces, prompt)
+        keep = 0
+        for a, b in zip(_boundary_list(self.pieces), _boundary_list(prompt)):
+            if a != b or a > limit:
+                break
+            keep = a
+        return keep
 
     def truncate(self, n_pos: int) -> None:
         """Keeps the first n_pos positions; refuses to cut an image in two."""
@@ -88,15 +88,41 @@ class PrefixCache:
     def clear(self) -> None:
         self.pieces = []
 
-    def _units(self) -> list[tuple]:
-        return _units(self.pieces)
 
-
-def _boundaries(pieces: list[Piece]) -> set[int]:
-    out, pos = {0}, 0
+def _boundary_list(pieces: list[Piece]) -> list[int]:
+    out, pos = [0], 0
     for p in pieces:
         pos += p.n_pos
-        out.add(pos)
+        out.append(pos)
+    return out
+
+
+def common_units(a: list[Piece], b: list[Piece]) -> int:
+    """Positions of the longest common prefix of two piece lists (text token by token, an image only whole)."""
+    ua, ub = _units(a), _units(b)
+    n = pos = 0
+    while n < len(ua) and n < len(ub) and ua[n] == ub[n]:
+        pos += ua[n][1] if ua[n][0] == "img" else 1
+        n += 1
+    return pos
+
+
+def aligned_to(prompt: list[Piece], base: list[Piece]) -> list[Piece]:
+    """`prompt` with the decode boundaries of `base` added where the two agree: a prompt that extends what is
+    cached (an appended judge after the generated answer) is then batched as the cache was, and reuses all of it."""
+    limit = common_units(prompt, base)
+    cuts = sorted(set(_boundary_list(prompt)) | {b for b in _boundary_list(base) if b <= limit})
+    out: list[Piece] = []
+    pos = 0
+    for p in prompt:
+        end = pos + p.n_pos
+        inner = [c for c in cuts if pos < c < end]
+        if isinstance(p, TextPiece) and inner:
+            edges = [pos] + inner + [end]
+            out.extend(TextPiece(p.tokens[x - pos:y - pos]) for x, y in zip(edges, edges[1:]))
+        else:
+            out.append(p)
+        pos = end
     return out
 
 

@@ -21,6 +21,7 @@ GGUF_MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _WANTED = ("general.architecture", "general.name", "general.file_type", "tokenizer.chat_template",
+           "tokenizer.ggml.model", "tokenizer.ggml.add_space_prefix",
            "clip.has_vision_encoder", "clip.projector_type", "clip.vision.projection_dim",
            "clip.vision.image_size", "clip.vision.patch_size")
 

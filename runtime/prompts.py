@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from ecso.runtime.errors import ModelError
+
 PROMPT_VERSION = "ecso-paper-2024.1"
 
 # --- verbatim from the paper's eval scripts -------------------------------------------------------------------
@@ -60,8 +62,14 @@ def is_unsafe_reply(reply: str, rule: str = "exact") -> bool:
 
 
 # --- chat formats -----------------------------------------------------------------------------------------------
-MEDIA_MARKER = "<__media__>"  # mtmd's default marker; we split on it ourselves
-_SPLIT = "\x00ecso-split\x00"  # where a text-only user turn starts, so it shares the prefix of an image turn
+MEDIA_MARKER = "<__media__>"  # mtmd's default marker; where the image goes (user text can never contain it)
+# stands in for an assistant message while rendering, to find the text a template puts after it
+_ANSWER_MARK = "\x00ecso-answer\x00"
+CHAT_FORMATS = ("auto", "llava-1.5", "gguf")
+
+
+class ChatTemplateError(ModelError):
+    """The chat template cannot be used: it does not parse, fails to render, or drops the message content."""
 
 
 @dataclass(frozen=True)
@@ -72,16 +80,23 @@ class Message:
 
 @dataclass(frozen=True)
 class RenderedPrompt:
-    """A prompt cut into the part shared by every ECSO step (`head`) and the rest. `image` tells whether the
-    image goes between them; tail starts with the user's text (after "\\n" when an image precedes it)."""
+    """A rendered prompt cut where the first user turn's content starts.
+
+    `head` is the text before it (system prompt and turn header: what every ECSO step shares). With an image, the
+    image goes between head and tail and `tail` starts with "\n" (LLaVA's `<image>\n<query>`); without one,
+    `head + tail` is exactly the template's rendering of the messages, and is tokenized whole."""
 
     head: str
     tail: str
     image: bool
 
+    @property
+    def text(self) -> str:
+        return self.head + (MEDIA_MARKER if self.image else "") + self.tail
+
 
 class ChatFormat:
-    """Renders messages; the last user turn may carry the image, which goes first in that turn (LLaVA style)."""
+    """Renders messages; the first user turn may carry the image, which goes first in that turn (LLaVA style)."""
 
     name = "base"
 
@@ -89,15 +104,39 @@ class ChatFormat:
         raise NotImplementedError
 
     def prompt(self, messages: Sequence[Message], image: bool) -> RenderedPrompt:
-        """Renders with the image (or a split mark) at the start of the first user turn's content."""
+        """Renders with the image (or only a cut) at the start of the first user turn's content."""
         msgs = list(messages)
-        idx = next(i for i, m in enumerate(msgs) if m.role == "user")
-        lead = MEDIA_MARKER + "\n" if image else _SPLIT
-        msgs[idx] = Message("user", lead + msgs[idx].content)
-        text = self.render(msgs)
-        mark = MEDIA_MARKER if image else _SPLIT
-        head, _, tail = text.partition(mark)
-        return RenderedPrompt(head, tail, image)
+        idx = next((i for i, m in enumerate(msgs) if m.role == "user"), None)
+        if idx is None:
+            raise ValueError("a prompt needs a user message")
+        marked = list(msgs)
+        marked[idx] = Message("user", MEDIA_MARKER + ("\n" if image else "") + msgs[idx].content)
+        text = self.render(marked)
+        if text.count(MEDIA_MARKER) != 1:
+            raise ChatTemplateError(f"the {self.name} chat template does not put the user's message into the prompt "
+                                    "verbatim; choose another --chat-format")
+        head, _, tail = text.partition(MEDIA_MARKER)
+        if image:
+            return RenderedPrompt(head, tail, True)
+        whole = self.render(msgs)
+        if not whole.startswith(head):  # a template that treats the content's start specially: no shared head
+            head = ""
+        return RenderedPrompt(head, whole[len(head):], False)
+
+    def after_assistant(self, messages: Sequence[Message], image: bool) -> str:
+        """The text the template puts after the last message, an assistant turn: what closes that turn and opens
+        the next (with `messages` ending in a user turn after it). Raises if the template does not echo the
+        assistant's content verbatim, so nothing is ever guessed."""
+        msgs = list(messages)
+        last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=None)
+        if last is None:
+            raise ValueError("after_assistant needs an assistant message")
+        msgs[last] = Message("assistant", _ANSWER_MARK)
+        rendered = self.prompt(msgs, image)
+        if rendered.tail.count(_ANSWER_MARK) != 1:
+            raise ChatTemplateError(f"the {self.name} chat template does not put the assistant's answer into the "
+                                    "conversation verbatim; use --judge paper or logit")
+        return rendered.tail.partition(_ANSWER_MARK)[2]
 
 
 class Llava15Format(ChatFormat):
@@ -128,31 +167,63 @@ class JinjaFormat(ChatFormat):
     name = "gguf-template"
 
     def __init__(self, template: str, bos_token: str = "", eos_token: str = "", tokenizer_adds_bos: bool = True):
+        import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
         def raise_exception(message: str) -> None:
-            raise ValueError(f"chat template error: {message}")
+            raise ChatTemplateError(f"the chat template refused the conversation: {message}")
 
         env.globals["raise_exception"] = raise_exception
-        self._template = env.from_string(template)
+        try:
+            self._template = env.from_string(template)
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"the model's chat template is not valid Jinja ({e}); "
+                                    "use --chat-format llava-1.5") from None
         self.bos_token, self.eos_token = bos_token, eos_token
         self.tokenizer_adds_bos = tokenizer_adds_bos
 
     def render(self, messages: Sequence[Message]) -> str:
-        text = self._template.render(messages=[{"role": m.role, "content": m.content} for m in messages],
-                                     add_generation_prompt=True, bos_token=self.bos_token,
-                                     eos_token=self.eos_token)
+        import jinja2
+
+        try:
+            text = self._template.render(messages=[{"role": m.role, "content": m.content} for m in messages],
+                                         add_generation_prompt=True, bos_token=self.bos_token,
+                                         eos_token=self.eos_token)
+        except ChatTemplateError:
+            raise
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            raise ChatTemplateError(f"the model's chat template failed to render ({type(e).__name__}: {e}); "
+                                    "use --chat-format llava-1.5") from None
         # BOS is added by the tokenizer (add_special); a template that writes it too would double it.
         if self.tokenizer_adds_bos and self.bos_token and text.startswith(self.bos_token):
             text = text[len(self.bos_token):]
         return text
 
 
+def chat_format_for(name: str, template: str | None, bos_token: str, eos_token: str,
+                    tokenizer_adds_bos: bool) -> ChatFormat:
+    """The chat format `name` asks for (auto: the GGUF's template when it has one, else vicuna_v1), checked by
+    rendering a probe conversation both ways, so a broken template fails here and not in the middle of a request."""
+    if name not in CHAT_FORMATS:
+        raise ChatTemplateError(f"unknown chat format {name!r}; use one of {', '.join(CHAT_FORMATS)}")
+    if name == "llava-1.5" or (name == "auto" and not template):
+        fmt: ChatFormat = Llava15Format()
+    elif not template:
+        raise ChatTemplateError("the model has no chat template; use --chat-format llava-1.5")
+    else:
+        fmt = JinjaFormat(template, bos_token, eos_token, tokenizer_adds_bos)
+    probe = [Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Bye")]
+    fmt.prompt(probe[:1], image=True)
+    fmt.prompt(probe[:1], image=False)
+    fmt.after_assistant(probe[:2], image=True)
+    return fmt
+
+
 def neutralize_specials(text: str, specials: Sequence[str]) -> str:
-    """Breaks control-token strings typed by a user (e.g. `<|im_end|>`), so user text can never close a turn or
-    forge a system message: a zero-width space goes after the first character."""
+    """Breaks control-token strings in user or model text (e.g. `<|im_end|>`, `</s>`), so text inserted into a
+    prompt can never close a turn or forge a system message: a zero-width space goes after the first character."""
     for s in specials:
         if len(s) > 1 and s in text:
             text = text.replace(s, s[0] + "\u200b" + s[1:])

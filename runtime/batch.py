@@ -481,39 +481,40 @@ def run_batched(engine: Engine, requests: Iterable[Request], options, heads,
 
 def ceiling_decode_tok_s(engine: Engine, width: int, n_steps: int = 32, prompt_tokens: Sequence[int] = ()) -> float:
     """The llama.cpp ceiling for `width` sequences: the same batched single-token decode with no ECSO logic
-    (greedy via llama_sampler_sample, nothing else), after a shared text prompt. Uses and clears sequences 1..width."""
+    (greedy via llama_sampler_sample, nothing else), each sequence after its own copy of a text prompt (its own
+    cells, as ECSO requests have). Uses and clears sequences 1..width."""
     if not 1 <= width <= engine.config.parallel:
         raise InputError(f"width must be between 1 and the engine's parallel ({engine.config.parallel})")
     L = engine._L
     tokens = list(prompt_tokens) or engine.tokenize("Write a long story about a lighthouse keeper.", True)
-    batch = L.llama_batch_init(max(len(tokens), width), 0, 1)
+    if len(tokens) + n_steps > engine.n_ctx:
+        raise InputError("the ceiling prompt and steps do not fit in the context")
+    batch = L.llama_batch_init(engine.n_batch, 0, 1)
     greedy = L.llama_sampler_init_greedy()
+
+    def decode(rows: list[tuple[int, int, int, bool]]) -> None:
+        for k, (tok, pos, seq, want) in enumerate(rows):
+            batch.token[k], batch.pos[k], batch.n_seq_id[k] = tok, pos, 1
+            batch.seq_id[k][0] = seq
+            batch.logits[k] = want
+        batch.n_tokens = len(rows)
+        if L.llama_decode(engine._ctx, batch) != 0:
+            raise EngineError("the ceiling decode failed")
+
     try:
         with engine.lock:
             engine._check_open()
+            nxt = []
             for s in range(1, width + 1):
                 L.llama_memory_seq_rm(engine._mem, s, -1, -1)
-            for i, t in enumerate(tokens):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, i, 1
-                batch.seq_id[i][0] = 1
-                batch.logits[i] = i == len(tokens) - 1
-            batch.n_tokens = len(tokens)
-            if L.llama_decode(engine._ctx, batch) != 0:
-                raise EngineError("the ceiling prompt could not be decoded")
-            first = L.llama_sampler_sample(greedy, engine._ctx, -1)
-            for s in range(2, width + 1):
-                L.llama_memory_seq_cp(engine._mem, 1, s, -1, -1)
-            nxt = [first] * width
+                for c in range(0, len(tokens), engine.n_batch):
+                    part = tokens[c:c + engine.n_batch]
+                    decode([(t, c + i, s, c + i == len(tokens) - 1) for i, t in enumerate(part)])
+                nxt.append(L.llama_sampler_sample(greedy, engine._ctx, -1))
             pos = len(tokens)
             t0 = time.perf_counter()
             for _ in range(n_steps):
-                for k in range(width):
-                    batch.token[k], batch.pos[k], batch.n_seq_id[k] = nxt[k], pos, 1
-                    batch.seq_id[k][0] = k + 1
-                    batch.logits[k] = True
-                batch.n_tokens = width
-                if L.llama_decode(engine._ctx, batch) != 0:
-                    raise EngineError("the ceiling decode failed")
+                decode([(nxt[k], pos, k + 1, True) for k in range(width)])
                 nxt = [L.llama_sampler_sample(greedy, engine._ctx, k) for k in range(width)]
                 pos += 1
             seconds = time.perf_counter() - t0

@@ -26,15 +26,18 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from ecso.runtime.engine import Engine, Generation, PrefillStats, Prompt, Sampler, Sampling
 from ecso.runtime.errors import ContextOverflowError, EcsoError, EngineError, InputError
 from ecso.runtime.images import CachedEmbedding, ImageSource
-from ecso.runtime.kv import ImagePiece, PrefixCache, TextPiece, suffix_after
+from ecso.runtime.kv import PrefixCache, TextPiece, suffix_after
 from ecso.runtime.prompts import Message
+
+if TYPE_CHECKING:
+    from ecso.runtime.ecso import EcsoOptions, Heads, Result
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class Request:
 
     image: Optional[ImageSource]
     query: str
-    options: Optional[object] = None  # EcsoOptions; None: the caller's defaults
+    options: Optional["EcsoOptions"] = None  # None: the caller's defaults
     history: Sequence[Message] = ()
 
 
@@ -267,6 +270,10 @@ class SequenceView:
             return self._engine.build_prompt(messages, image)
 
     # --- KV bookkeeping (under the engine lock: the scheduler decodes under it) --------------------------------
+    def reset(self) -> None:
+        """Empties this sequence only (Engine.reset would empty every sequence)."""
+        self.clear()
+
     def clear(self) -> None:
         with self._engine.lock:
             if self._engine._ctx:  # a closed engine holds no cells
@@ -407,10 +414,10 @@ class SequenceView:
         return Generation(out, raw.decode("utf-8", errors="replace"), finish, time.perf_counter() - t0)
 
 
-Outcome = Union["Result", BaseException]  # noqa: F821 (ecso.Result; an EcsoError when the request failed)
+Outcome = Union["Result", BaseException]  # an EcsoError when the request failed
 
 
-def run_batched(engine: Engine, requests: Iterable[Request], options, heads,
+def run_batched(engine: Engine, requests: Iterable[Request], options: "EcsoOptions", heads: Optional["Heads"],
                 stats: Optional[DecodeStats] = None) -> Iterator[tuple[int, Outcome]]:
     """Runs requests `engine.config.parallel` at a time, yielding (index, Result or EcsoError) as each finishes.
 

@@ -486,6 +486,56 @@ def run_batched(engine: Engine, requests: Iterable[Request], options: "EcsoOptio
             stats.__dict__.update(sched.stats.__dict__)
 
 
+class BatchPool:
+    """Concurrent `run` calls, batched: for servers, whose request threads each call `pool.run(...)`.
+
+    Holds N sequences; a call takes a free one (waiting while all N are busy), runs the request there with the
+    other calls in flight sharing each llama_decode, and frees it. Streaming works as with `ecso.run` (on_event).
+    Unlike `run_batched`, callers arrive at any time, so batch compositions depend on timing."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.scheduler = BatchScheduler(engine)
+        self._views: dict[int, SequenceView] = {}
+        for seq in range(1, engine.config.parallel + 1):
+            self._views[seq] = SequenceView(engine, self.scheduler, seq, self._views)
+        self._free = list(self._views)
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def run(self, image: Optional[ImageSource], query: str, options: "EcsoOptions",
+            on_event: Optional[Callable] = None, heads: Optional["Heads"] = None,
+            history: Sequence[Message] = ()) -> "Result":
+        from ecso.runtime.ecso import Heads, prepare_request
+
+        with self._cond:
+            self._cond.wait_for(lambda: self._free or self._closed)
+            if self._closed:
+                raise EngineError("the batch pool is closed")
+            view = self._views[self._free.pop(0)]
+            self.scheduler.join()
+        try:
+            return prepare_request(view, image, query, options, on_event, heads or Heads(), history).run()
+        except BaseException:
+            view.clear()  # may hold a torn prompt
+            raise
+        finally:
+            self.scheduler.leave()
+            with self._cond:
+                self._free.append(view.seq)
+                self._cond.notify()
+
+    def close(self) -> None:
+        """Waits for the calls in flight, then stops the scheduler and empties sequences 1..N."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: len(self._free) == len(self._views))
+        self.scheduler.close()
+        for view in self._views.values():
+            view.clear()
+
+
 def ceiling_decode_tok_s(engine: Engine, width: int, n_steps: int = 32, prompt_tokens: Sequence[int] = ()) -> float:
     """The llama.cpp ceiling for `width` sequences: the same batched single-token decode with no ECSO logic
     (greedy via llama_sampler_sample, nothing else), each sequence after its own copy of a text prompt (its own

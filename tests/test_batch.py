@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from ecso.runtime import Ecso, EcsoOptions, Engine, EngineConfig, ImageError, InputError, Message, run
-from ecso.runtime.batch import BatchScheduler, DecodeStats, Request, SequenceView, ceiling_decode_tok_s, run_batched
+from ecso.runtime.batch import BatchPool, BatchScheduler, DecodeStats, Request, SequenceView, ceiling_decode_tok_s, run_batched
 
 ALWAYS_UNSAFE = dict(judge="logit", logit_threshold=0.0)
 SMALL = dict(max_tokens=16, caption_max_tokens=16, judge_max_tokens=8)
@@ -187,3 +187,30 @@ def test_scheduler_packs_one_token_per_sequence_into_each_decode(tiny_parallel):
                      EcsoOptions(**ALWAYS_UNSAFE, **SMALL), None, stats))
     assert stats.pure.get(4, [0])[0] > 0  # steps carrying one token of each of the 4 sequences
     assert stats.decode_tok_s(4) > 0 and ceiling_decode_tok_s(tiny_parallel, 4, n_steps=8) > 0
+
+
+def test_concurrent_calls_through_a_pool_are_batched_and_isolated(tiny_parallel, tiny_sequential):
+    """What a server does: one thread per request, each calling pool.run; they share decode steps."""
+    opts = EcsoOptions(**ALWAYS_UNSAFE, **SMALL)
+    tiny_sequential.reset()
+    want = [run(tiny_sequential, i, q, opts) for i, q in REQUESTS]
+    pool = BatchPool(tiny_parallel)
+    got: dict = {}
+    streamed: dict = {i: [] for i in range(len(REQUESTS))}
+
+    def call(k):
+        img, q = REQUESTS[k]
+        got[k] = pool.run(img, q, opts, on_event=lambda ev: streamed[k].append(ev.kind))
+
+    try:
+        threads = [threading.Thread(target=call, args=(k,)) for k in range(len(REQUESTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        pool.close()
+    for k, w in enumerate(want):
+        assert got[k].unsafe == w.unsafe and got[k].judge_score == pytest.approx(w.judge_score, abs=1e-5)
+        assert streamed[k][0] == "step_start" and streamed[k][-1] == "result" and "token" in streamed[k]
+    assert sum(steps for width, (steps, _) in pool.scheduler.stats.pure.items() if width > 1) > 0

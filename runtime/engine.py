@@ -6,10 +6,7 @@ context, batch) and a `PrefixCache` describing what sequence 0 holds, so each pr
 from the previous one, and an image is encoded once and then served from the embedding cache.
 
 Prompts are token-exact: a prompt without an image is tokenized whole, one with an image as [head with BOS] /
-image / [tail without BOS], LLaVA's `tokenizer_image_token` rule. SentencePiece vocabularies follow Hugging Face's
-non-legacy LlamaTokenizer (LLaVA-1.5's setting): one space prefix at the start of each tokenized text, none after a
-control token inside it (llama.cpp's own rule adds one there), done by loading with `add_space_prefix` off and adding
-the prefix here.
+image / [tail without BOS], LLaVA's `tokenizer_image_token` rule, with the reference's tokenizer rules (vocab.py).
 
 Thread safety: one Engine serves one request at a time. Every public method takes `engine.lock` (an RLock) and
 raises EngineError once the engine is closed; callers that chain primitives (the ECSO runner, the server) hold the
@@ -35,8 +32,8 @@ from ecso.runtime.images import (CachedEmbedding, EmbeddingCache, ImageLimits, I
                                  file_fingerprint, load_image)
 from ecso.runtime.kv import ImagePiece, Piece, PrefixCache, TextPiece, n_positions, suffix_after
 from ecso.runtime.native import gpu_offload_supported, read_gguf_info, resolve_cpu_repack, set_native_logging
-from ecso.runtime.prompts import (ChatFormat, Message, MEDIA_MARKER, RenderedPrompt, chat_format_for,
-                                  neutralize_specials)
+from ecso.runtime.prompts import ChatFormat, Message, RenderedPrompt, chat_format_for
+from ecso.runtime.vocab import Vocab, space_prefix_override, wants_space_prefix
 
 
 @dataclass(frozen=True)
@@ -148,13 +145,6 @@ def _public(method):
     return guarded
 
 
-def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    while n < len(a) and n < len(b) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def _split_at(tokens: list[int], cut: int) -> list[Piece]:
     return [TextPiece(tuple(t)) for t in (tokens[:cut], tokens[cut:]) if t]
 
@@ -200,10 +190,7 @@ class Engine:
         # an unknown --chat-format or a broken template fails here, before any weights are loaded
         template = self.model_info.get("tokenizer.chat_template")
         chat_format_for(config.chat_format, template, "<s>", "</s>", True)
-        # SentencePiece: llama.cpp would add a space after every control token; HF (non-legacy) adds one only at the
-        # start. Load with llama.cpp's prefix off and add it in `tokenize`.
-        self._space_prefix = (self.model_info.get("tokenizer.ggml.model") == "llama"
-                              and self.model_info.get("tokenizer.ggml.add_space_prefix", True) is not False)
+        self._space_prefix = wants_space_prefix(self.model_info)  # then llama.cpp's own prefix is off (vocab.py)
         self.gpu_backend = gpu_offload_supported()
         self.n_gpu_layers = (999 if self.gpu_backend else 0) if config.n_gpu_layers < 0 else config.n_gpu_layers
         self.n_threads = config.n_threads or os.cpu_count() or 1
@@ -216,20 +203,13 @@ class Engine:
         self.model_fingerprint = file_fingerprint(config.model)
         self.mmproj_fingerprint = file_fingerprint(config.mmproj) if config.mmproj else None
         self.kv = PrefixCache()
-        self._head_cuts: dict[str, int] = {}
         # Optional hook called for every evaluation: ("text", tokens, pos0) or ("image", n_pos, pos0). Tests use it to
         # check the tokens each step actually evaluates; apps can use it for tracing. Must not call the engine.
         self.observer: Optional[Callable[[str, object, int], None]] = None
         self.image_cache = EmbeddingCache(config.image_cache_entries)
-        self._special_ids = self._special_tokens()
-        self._specials = sorted({self.token_text(t) for t in self._special_ids if len(self.token_text(t)) > 1
-                                 and not self.token_text(t).isalnum()} | {MEDIA_MARKER}, key=len, reverse=True)
-        self._space_token = self._lone_space_token() if self._space_prefix else None
-        L = self._L
-        self.chat_format: ChatFormat = chat_format_for(
-            config.chat_format, template, self.token_text(L.llama_vocab_bos(self.vocab)),
-            self.token_text(L.llama_vocab_eos(self.vocab)), bool(L.llama_vocab_get_add_bos(self.vocab)))
-        self._single_ids: dict[tuple[str, ...], list[int]] = {}
+        v = self._vocab
+        self.chat_format: ChatFormat = chat_format_for(config.chat_format, template, v.token_text(v.bos),
+                                                       v.token_text(v.eos), v.adds_bos)
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def _load(self) -> None:
@@ -239,17 +219,14 @@ class Engine:
         mp.n_gpu_layers = self.n_gpu_layers
         mp.use_extra_bufts = self.cpu_repack.enabled
         if self._space_prefix:
-            self._kv_overrides = (L.llama_model_kv_override * 2)()  # zero-terminated; kept alive with the engine
-            self._kv_overrides[0].key = b"tokenizer.ggml.add_space_prefix"
-            self._kv_overrides[0].tag = L.LLAMA_KV_OVERRIDE_TYPE_BOOL
-            self._kv_overrides[0].value.val_bool = False
-            mp.kv_overrides = self._kv_overrides
+            overrides = space_prefix_override(L)
+            mp.kv_overrides = overrides
         self._model = L.llama_model_load_from_file(str(cfg.model).encode(), mp)
         if not self._model:
             raise ModelError(f"llama.cpp could not load {cfg.model} (corrupt, truncated or unsupported "
                              "architecture); run with -v to see llama.cpp's reason")
-        self.vocab = L.llama_model_get_vocab(self._model)
-        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self._vocab = Vocab(L, L.llama_model_get_vocab(self._model), self._space_prefix)
+        self.n_vocab = self._vocab.n_vocab
         self.n_embd = L.llama_model_n_embd(self._model)
         if self.mmproj_info is not None:
             proj_dim = self.mmproj_info.get("clip.vision.projection_dim")
@@ -309,7 +286,7 @@ class Engine:
             if self._model:
                 L.llama_model_free(self._model)
                 self._model = None
-            self.vocab = None
+            self._vocab = None
 
     def __enter__(self) -> "Engine":
         return self
@@ -335,73 +312,30 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- text
     @_public
     def token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        raw = self._L.llama_vocab_get_text(self.vocab, token)
-        return raw.decode("utf-8", errors="replace") if raw else ""
-
-    def _special_tokens(self) -> frozenset[int]:
-        """Control and user-defined tokens (`<|im_end|>`, `</s>`, `<image>`): text must never forge them."""
-        L = self._L
-        mask = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
-        return frozenset(t for t in range(self.n_vocab) if L.llama_vocab_get_attr(self.vocab, t) & mask)
-
-    def _lone_space_token(self) -> Optional[int]:
-        ids = self._llama_tokenize(" ", False, False)
-        return ids[0] if len(ids) == 1 else None
-
-    def _llama_tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        L = self._L
-        data = text.encode("utf-8")
-        n_max = len(data) + 16
-        buf = (L.llama_token * n_max)()
-        n = L.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            buf = (L.llama_token * -n)()
-            n = L.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
-        return list(buf[:n])
+        return self._vocab.token_text(token)
 
     @_public
     def tokenize(self, text: str, add_special: bool, parse_special: bool = True) -> list[int]:
-        """Token ids of `text` as one tokenizer call (BOS first when add_special and the model wants one)."""
-        if not self._space_prefix or not text:
-            return self._llama_tokenize(text, add_special, parse_special)
-        ids = self._llama_tokenize(" " + text, add_special, parse_special)
-        # as HF: a text that starts with a control token gets no space before it
-        i = 1 if add_special and ids and ids[0] == self._L.llama_vocab_bos(self.vocab) and len(ids) > 1 else 0
-        if len(ids) > i + 1 and ids[i] == self._space_token and ids[i + 1] in self._special_ids:
-            del ids[i]
-        return ids
+        """Token ids of `text` as one tokenizer call, as the reference tokenizes it (vocab.py)."""
+        return self._vocab.tokenize(text, add_special, parse_special)
 
     @_public
     def single_token_ids(self, words: Sequence[str]) -> list[int]:
-        """Ids of the words that are one token in this vocabulary (memoised: used on every logit judgement)."""
-        key = tuple(words)
-        if key not in self._single_ids:
-            out: list[int] = []
-            for w in words:
-                t = self.tokenize(w, add_special=False, parse_special=False)
-                if len(t) == 1 and t[0] not in out:
-                    out.append(t[0])
-            self._single_ids[key] = out
-        return self._single_ids[key]
+        """Ids of the words that are one token in this vocabulary."""
+        return self._vocab.single_token_ids(words)
 
     @_public
     def token_bytes(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self._L.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._L.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-        return buf.raw[:n]
+        return self._vocab.token_bytes(token)
 
     @_public
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+        return self._vocab.detokenize(tokens)
 
     @_public
     def clean_user_text(self, text: str) -> str:
-        return neutralize_specials(text, self._specials)
+        """`text` with control-token spellings broken (`</s>`, `<|im_end|>`): inserted text stays text."""
+        return self._vocab.neutralize(text)
 
     # ---------------------------------------------------------------------------------------------- prompts
     @_public
@@ -421,7 +355,7 @@ class Engine:
         if image is not None and not self.has_vision:
             raise InputError("this model has no vision projector: pass --mmproj, or send no image")
         rendered = self.chat_format.prompt(messages, image is not None)
-        cut = self._head_cut(rendered.head)
+        cut = self._vocab.stable_head(rendered.head)
         images: dict[str, CachedEmbedding] = {}
         if image is None:
             return Prompt(_split_at(self.tokenize(rendered.text, add_special=True), cut), images), rendered
@@ -432,15 +366,6 @@ class Engine:
         pieces.append(ImagePiece(key, entry.n_tokens, entry.n_pos))
         pieces.append(TextPiece(tuple(self.tokenize(rendered.tail, add_special=False))))
         return Prompt(pieces, images), rendered
-
-    def _head_cut(self, head: str) -> int:
-        """How many tokens of `head` stay the same whatever text follows it (SentencePiece merges the head's
-        trailing space into the next word): the boundary every prompt with this head is decoded at."""
-        if head not in self._head_cuts:
-            ids = self.tokenize(head, add_special=True)
-            self._head_cuts[head] = min(_common_len(ids, self.tokenize(head + probe, add_special=True))
-                                        for probe in ("x", "\n", "1"))
-        return self._head_cuts[head]
 
     @_public
     def has_encoded(self, image: LoadedImage) -> bool:
@@ -644,7 +569,7 @@ class Engine:
                         tok, first_token = first_token, None
                     else:
                         tok = L.llama_sampler_sample(chain, self._ctx, -1)
-                    if L.llama_vocab_is_eog(self.vocab, tok) or L.llama_vocab_is_control(self.vocab, tok):
+                    if self._vocab.ends_generation(tok):
                         finish = "stop"
                         break
                     if self.kv.n_pos >= self.n_ctx:

@@ -215,9 +215,9 @@ def chat_format_for(name: str, template: str | None, bos_token: str, eos_token: 
     else:
         fmt = JinjaFormat(template, bos_token, eos_token, tokenizer_adds_bos)
     probe = [Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Bye")]
+    fmt.render(probe)
     fmt.prompt(probe[:1], image=True)
     fmt.prompt(probe[:1], image=False)
-    fmt.after_assistant(probe[:2], image=True)
     return fmt
 
 

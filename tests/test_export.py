@@ -89,10 +89,13 @@ def _image_text_logits(engine, model_hf, rgb, mean, std, image_token=3):
     prompt, _ = engine.build_prompt([Message("user", "What is shown in this image?")], loaded)
     out: list = []
     engine.prefill(prompt, reuse=False, logits_all=True, logits_out=out)
-    head, img, tail = prompt.pieces
+    k = next(i for i, p in enumerate(prompt.pieces) if not hasattr(p, "tokens"))  # the image piece
+    img = prompt.pieces[k]
+    head = [t for p in prompt.pieces[:k] for t in p.tokens]
+    tail = [t for p in prompt.pieces[k + 1:] for t in p.tokens]
     entry = prompt.images[img.key]
     emb_cpp = engine._encode(entry).reshape(img.n_tokens, -1)
-    ids = list(head.tokens) + [image_token] * img.n_tokens + list(tail.tokens)
+    ids = head + [image_token] * img.n_tokens + tail
     pv = _pixel_values(rgb, mean, std)
     with torch.no_grad():
         ref = model_hf(input_ids=torch.tensor([ids]), pixel_values=pv).logits[0].numpy()
@@ -101,7 +104,7 @@ def _image_text_logits(engine, model_hf, rgb, mean, std, image_token=3):
         feats = (feats[0] if isinstance(feats, (list, tuple)) else feats).reshape(img.n_tokens, -1).numpy()
         # LLM side alone: inject llama.cpp's image embeddings into transformers
         embeds = model_hf.get_input_embeddings()(torch.tensor([ids]))
-        n0 = len(head.tokens)
+        n0 = len(head)
         embeds[0, n0:n0 + img.n_tokens] = torch.from_numpy(emb_cpp)
         injected = model_hf(inputs_embeds=embeds).logits[0].numpy()
     text_pos = list(range(n0)) + list(range(n0 + img.n_tokens, len(ids)))

@@ -57,3 +57,32 @@ def test_cache_never_cuts_inside_an_image():
     with pytest.raises(ValueError):
         suffix_after([TextPiece((1, 2)), _img(n=4)], 3)
     assert suffix_after([TextPiece((1, 2)), _img(n=4), TextPiece((5, 6))], 7) == [TextPiece((6,))]
+
+
+def test_reuse_needs_the_same_decode_boundaries_below_the_cut():
+    # same tokens, batched differently: reusing 1..4 would not be bit-identical to evaluating [1, 2] then [3, 4]
+    assert PrefixCache([TextPiece((1, 2, 3, 4))]).common_prefix([TextPiece((1, 2)), TextPiece((3, 4, 5))]) == 0
+    assert PrefixCache([TextPiece((1, 2)), TextPiece((3, 4))]).common_prefix(
+        [TextPiece((1, 2)), TextPiece((3, 4, 5))]) == 2
+
+
+def test_aligned_prompt_adopts_the_cached_batches_where_tokens_agree():
+    from ecso.runtime.kv import aligned_to
+
+    cached = [TextPiece((1, 2)), _img(), TextPiece((5, 6)), TextPiece((7,)), TextPiece((8,))]
+    prompt = [TextPiece((1, 2)), _img(), TextPiece((5, 6, 7, 9, 10))]  # the reference diverges after token 7
+    aligned = aligned_to(prompt, cached)
+    assert aligned == [TextPiece((1, 2)), _img(), TextPiece((5, 6)), TextPiece((7,)), TextPiece((9, 10))]
+    assert PrefixCache(cached).common_prefix(aligned) == 9  # everything up to the divergence is reused
+
+
+def test_text_only_prompt_is_the_whole_rendering_and_templates_must_place_the_content():
+    from ecso.runtime.prompts import ChatTemplateError, JinjaFormat
+
+    fmt = Llava15Format()
+    p = fmt.prompt([Message("user", "a"), Message("assistant", "b"), Message("user", "c")], image=False)
+    assert p.text == fmt.render([Message("user", "a"), Message("assistant", "b"), Message("user", "c")])
+    assert fmt.after_assistant([Message("user", "a"), Message("assistant", "b"), Message("user", "c")], True) == \
+        "</s>USER: c ASSISTANT:"
+    with pytest.raises(ChatTemplateError):
+        JinjaFormat("{{ messages | length }}").prompt([Message("user", "a")], image=True)

@@ -392,7 +392,7 @@ class SequenceView:
                     tok, first_token = first_token, None
                 else:
                     tok = _sample(e, chain, self.logits())
-                if L.llama_vocab_is_eog(e.vocab, tok) or L.llama_vocab_is_control(e.vocab, tok):
+                if e._vocab.ends_generation(tok):
                     finish = "stop"
                     break
                 if self.kv.n_pos >= e.n_ctx:

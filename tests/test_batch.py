@@ -214,3 +214,14 @@ def test_concurrent_calls_through_a_pool_are_batched_and_isolated(tiny_parallel,
         assert got[k].unsafe == w.unsafe and got[k].judge_score == pytest.approx(w.judge_score, abs=1e-5)
         assert streamed[k][0] == "step_start" and streamed[k][-1] == "result" and "token" in streamed[k]
     assert sum(steps for width, (steps, _) in pool.scheduler.stats.pure.items() if width > 1) > 0
+
+
+def test_throughput_bench_measures_both_sides_and_the_ceiling_in_one_run(tiny_parallel):
+    from ecso.eval.throughput import run_throughput_bench
+
+    rep = run_throughput_bench(tiny_parallel, [png(1), png(2)], n_requests=8, max_tokens=8)
+    for path in ("full", "safe"):
+        assert rep.ratios[f"throughput {path} parallel/sequential"] > 0
+        assert rep.agreement[f"{path}: verdict"] == 1.0 and rep.agreement[f"{path}: final text"] == 1.0  # f32
+    assert rep.decode_tok_s["llama.cpp ceiling, 4 sequences"] > 0 and "decode tok/s ours/ceiling" in rep.ratios
+    assert "requests/min" in rep.table()

@@ -69,8 +69,8 @@ def command(image, repeats, max_tokens, image_size, parallel, n_requests, as_jso
         typo = Path(__file__).resolve().parent.parent / "examples" / "typo.png"
         if typo.exists():
             images.append(str(typo))
-        with Engine(dataclasses.replace(cfg, parallel=parallel)) as engine:
-            report = run_throughput_bench(engine, images, n_requests=n_requests, max_tokens=max_tokens,
+        with Engine(dataclasses.replace(cfg, parallel=parallel)) as engine, Engine(cfg) as sequential:
+            report = run_throughput_bench(engine, sequential, images, n_requests=n_requests, max_tokens=max_tokens,
                                           progress=lambda m: click.echo(f"[bench] {m}", err=True))
         click.echo(report.table())
         if as_json:

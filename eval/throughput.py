@@ -1,7 +1,9 @@
 """`ecso bench --parallel N`: eval throughput with N requests decoded together, against one at a time.
 
-One engine loaded with `parallel=N` serves both sides (its sequence 0 is bit-exact with a single-request engine), on
-the same requests (different queries, two images), greedy, each side starting cold (KV and embedding caches empty):
+The sequential side runs on an ordinary engine (`parallel=1`, today's path), the parallel side on one loaded with
+`parallel=N` (the same model files and settings), on the same requests (different queries, two images), greedy,
+each side starting cold (KV and embedding caches empty). Not on the parallel engine's sequence 0: that is
+bit-exact but measured ~1.5x slower, as llama.cpp's attention window grows over the N-times larger cache.
 - requests per minute, parallel vs sequential, on the full 4-step path (logit judge at threshold 0: every answer
   is judged unsafe) and on the safe path (threshold above 1: none is);
 - aggregate decode tokens/s in the steps where all N sequences decode one token each (sampling, scheduling and
@@ -66,14 +68,16 @@ def _cold(engine: Engine) -> None:
     engine.image_cache.clear()
 
 
-def run_throughput_bench(engine: Engine, images: Sequence, n_requests: int = 8, max_tokens: int = 64,
-                         progress: Optional[Callable[[str], None]] = None) -> ThroughputReport:
+def run_throughput_bench(engine: Engine, sequential: Engine, images: Sequence, n_requests: int = 8,
+                         max_tokens: int = 64, progress: Optional[Callable[[str], None]] = None) -> ThroughputReport:
+    """`engine` has parallel=N; `sequential` is the same model loaded with parallel=1 (the baseline)."""
     say = progress or (lambda msg: None)
     n = engine.config.parallel
     rep = ThroughputReport(engine.config.model, n, n_requests, max_tokens)
     reqs = [Request(images[i % len(images)], QUERIES[i % len(QUERIES)]) for i in range(n_requests)]
     base = dict(max_tokens=max_tokens, caption_max_tokens=max_tokens, judge_max_tokens=8)
-    first = run(engine, images[0], QUERIES[0], EcsoOptions(**base, defense=False))  # warm-up: pages, yes/no table
+    run(sequential, images[0], QUERIES[0], EcsoOptions(**base, defense=False))  # warm-up: pages, yes/no table
+    first = run(engine, images[0], QUERIES[0], EcsoOptions(**base, defense=False))
     prompt_len = first.steps[0].prompt_positions
     prompt = engine.tokenize("Tell me a long story. " * (prompt_len // 5 + 1), add_special=True)[:prompt_len]
     ceilings: dict[int, list[float]] = {n: [], 1: []}
@@ -89,9 +93,9 @@ def run_throughput_bench(engine: Engine, images: Sequence, n_requests: int = 8, 
         measure_ceiling()
         opts = EcsoOptions(**base, **kw)
         say(f"{path} path: sequential")
-        _cold(engine)
+        _cold(sequential)
         t0 = time.perf_counter()
-        seq = [run(engine, r.image, r.query, opts) for r in reqs]
+        seq = [run(sequential, r.image, r.query, opts) for r in reqs]
         t_seq = time.perf_counter() - t0
         say(f"{path} path: parallel {n}")
         _cold(engine)

@@ -216,10 +216,10 @@ def test_concurrent_calls_through_a_pool_are_batched_and_isolated(tiny_parallel,
     assert sum(steps for width, (steps, _) in pool.scheduler.stats.pure.items() if width > 1) > 0
 
 
-def test_throughput_bench_measures_both_sides_and_the_ceiling_in_one_run(tiny_parallel):
+def test_throughput_bench_measures_both_sides_and_the_ceiling_in_one_run(tiny_parallel, tiny_sequential):
     from ecso.eval.throughput import run_throughput_bench
 
-    rep = run_throughput_bench(tiny_parallel, [png(1), png(2)], n_requests=8, max_tokens=8)
+    rep = run_throughput_bench(tiny_parallel, tiny_sequential, [png(1), png(2)], n_requests=8, max_tokens=8)
     for path in ("full", "safe"):
         assert rep.ratios[f"throughput {path} parallel/sequential"] > 0
         assert rep.agreement[f"{path}: verdict"] == 1.0 and rep.agreement[f"{path}: final text"] == 1.0  # f32

@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ecso.eval import reliability as rel
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the harness is test support code
+from support import reliability as rel  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

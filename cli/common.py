@@ -19,6 +19,8 @@ def prefer_short_openmp_spin() -> None:
         os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
+VERBOSE_HELP = ("-v: ecso's own detail (ecso-run: a step trace with reuse and timings); -vv: also llama.cpp's logs. "
+                "The same meaning for every command.")
 MODEL_HELP = "LLM GGUF file, or a registered model name (see `ecso models`). Default: the embedded demo model."
 
 
@@ -40,7 +42,7 @@ def model_options(f: Callable) -> Callable:
                           "repack buffer crashes there, ggml-org/llama.cpp#20824), else on."),
         click.option("--chat-format", type=click.Choice(["auto", "llava-1.5", "gguf"]), default="auto",
                      show_default=True, help="auto: the GGUF's chat template, else LLaVA-1.5 (vicuna_v1)."),
-        click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's logs and a step trace with timings."),
+        click.option("-v", "--verbose", count=True, help=VERBOSE_HELP),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -48,24 +50,20 @@ def model_options(f: Callable) -> Callable:
 
 
 def engine_config(model: str, mmproj: Optional[str], n_ctx: int, n_gpu_layers: int, no_mmproj_gpu: bool,
-                  threads: Optional[int], flash_attn: Optional[bool], chat_format: str, verbose: bool,
+                  threads: Optional[int], flash_attn: Optional[bool], chat_format: str, verbose: int,
                   cpu_repack: str = "auto", **_):
-    """EngineConfig from the shared options; a registry name resolves to its files."""
-    from pathlib import Path
-
+    """EngineConfig from the shared options; --model is a GGUF file, an export folder or a registry name
+    (models/registry.py `locate`). llama.cpp's own logs show from -vv (verbose >= 2)."""
+    from ecso.models.registry import locate
     from ecso.runtime import EngineConfig
 
-    if not model.endswith(".gguf") and not Path(model).exists():
-        from ecso.models.registry import resolve
-
-        entry = resolve(model)
-        model = entry.model
-        mmproj = mmproj or entry.mmproj
-        if chat_format == "auto":
-            chat_format = entry.chat_format
+    entry = locate(model, mmproj)
+    model, mmproj = entry.model, entry.mmproj
+    if chat_format == "auto":
+        chat_format = entry.chat_format
     return EngineConfig(model=model, mmproj=mmproj, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                         mmproj_gpu=not no_mmproj_gpu, n_threads=threads, flash_attn=flash_attn,
-                        chat_format=chat_format, verbose=verbose, cpu_repack=cpu_repack)
+                        chat_format=chat_format, verbose=verbose >= 2, cpu_repack=cpu_repack)
 
 
 def friendly_errors(f: Callable) -> Callable:

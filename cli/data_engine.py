@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ecso.cli.common import friendly_errors, model_options
-from ecso.cli.eval import build_config, echo_summary, generation_options, selection_options
+from ecso.cli.eval_options import build_config, echo_summary, generation_options, selection_options
 
 
 @click.command("data-engine", context_settings={"help_option_names": ["-h", "--help"]})

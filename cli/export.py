@@ -32,3 +32,36 @@ def llava(hf_dir, out_dir, outtype, force) -> None:
     r = export_llava(hf_dir, out_dir, outtype=outtype, overwrite=force)
     click.echo(f"wrote {r.llm} and {r.mmproj} ({r.outtype}) in {r.seconds:.2f}s")
     click.echo(f"run it: ecso-run --model {r.llm} --mmproj {r.mmproj} --image IMAGE \"QUERY\"")
+
+
+@command.command("hf")
+@click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder: llm.gguf and mmproj.gguf.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Weight type (the converter keeps the tensors that need it in f32).")
+@click.option("--force", is_flag=True, help="Replace existing files in --out.")
+@friendly_errors
+def hf(hf_dir, out_dir, outtype, force) -> None:
+    """Convert a Hugging Face VLM folder (Qwen2-VL, Qwen2.5-VL, Gemma 3, SmolVLM / Idefics3, ...) to a GGUF pair
+    with llama.cpp's own convert_hf_to_gguf.py, of exactly the llama.cpp this runtime is built on.
+
+    The converter comes from the llama-cpp-python 0.3.36 sdist (fetched by pip once per machine, sha256-checked,
+    cached); it needs torch and transformers (pip install 'ecso[export]'). LLaVA-1.5 checkpoints: `ecso export llava`.
+    """
+    from pathlib import Path
+
+    from ecso.export.llamacpp_convert import ConverterError, convert, converter_dir
+
+    out = Path(out_dir)
+    llm, mmproj = out / "llm.gguf", out / "mmproj.gguf"
+    if not force and (llm.exists() or mmproj.exists()):
+        raise click.ClickException(f"{out} already holds a conversion; pass --force to replace it")
+    try:
+        conv = converter_dir()
+        convert(Path(hf_dir), llm, outtype=outtype, converter=conv)
+        convert(Path(hf_dir), mmproj, outtype=outtype, mmproj=True, converter=conv)
+    except ConverterError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {llm} and {mmproj} ({outtype}) with llama.cpp's converter ({conv.root})")
+    click.echo(f"run it: ecso-run --model {llm} --mmproj {mmproj} --image IMAGE \"QUERY\"")

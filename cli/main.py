@@ -7,7 +7,7 @@ import importlib
 import click
 
 # module -> command name; a module registers one click command (or group) called `command`
-SUBCOMMANDS = ("run", "export", "models", "bench", "eval", "report", "data_engine", "serve", "heads")
+SUBCOMMANDS = ("run", "export", "models", "bench", "eval", "report", "data_engine", "serve", "heads", "doctor")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,3 +38,7 @@ def main() -> None:
 
     prefer_short_openmp_spin()
     cli(prog_name="ecso")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,8 +11,9 @@ from ecso.cli.common import engine_config, friendly_errors, model_options
 
 JUDGE_HELP = ("paper: fresh TELL prompt, reply must be exactly yes/yes. (the paper); logit: TELL + P(yes) from one "
               "step; append: the judge question appended to the conversation (cheapest); append-logit: both; "
+              "always-unsafe: the paper's judge runs but every answer counts as unsafe (to watch all four steps); "
               "head:DIR: an ONNX judge head (ecso heads train-judge) replaces step 2.")
-JUDGE_CHOICES = ("paper", "logit", "append", "append-logit")
+JUDGE_CHOICES = ("paper", "logit", "append", "append-logit", "always-unsafe")
 
 
 def _judge_choice(ctx, param, value: str) -> str:
@@ -57,9 +58,10 @@ def load_heads(judge: str, caption: str | None, providers: str):
 @click.option("--no-defense", is_flag=True, help="Step 1 only: the undefended model, for comparison.")
 @click.option("--stream/--no-stream", default=None, help="Print the answer as it is generated (default: on a TTY).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result (every step, timings) as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No status line after the answer.")
 @friendly_errors
 def command(query, image, max_tokens, temperature, top_p, seed, judge, caption, head_providers, decision_rule,
-            threshold, guard_every, no_reuse, no_defense, stream, as_json, **model_kw):
+            threshold, guard_every, no_reuse, no_defense, stream, as_json, quiet, **model_kw):
     """Answer QUERY about an image with ECSO (Eyes Closed, Safety On).
 
     The model answers with the image, judges its own answer, and when it finds it harmful, describes the image
@@ -68,8 +70,12 @@ def command(query, image, max_tokens, temperature, top_p, seed, judge, caption, 
     \b
     Examples:
       ecso-run --image examples/street.png "What is happening here?"
+      ecso-run --image examples/street.png --judge always-unsafe "..."   # watch all four steps
       ecso-run --image photo.jpg --json "..." > result.json
       ecso-run --model llm.gguf --mmproj mmproj.gguf --image x.png "..."
+
+    On a terminal, a status line on stderr follows the answer: verdict, judge reply, steps that ran, KV positions
+    reused, image encodes, time (--quiet drops it; -v adds a per-step trace, -vv llama.cpp's logs).
 
     Without --model, the embedded demo model is used: real SmolLM2-135M-Instruct language with an untrained
     random vision projector (it does not see the image).
@@ -110,16 +116,45 @@ def command(query, image, max_tokens, temperature, top_p, seed, judge, caption, 
             click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
         elif not stream:
             click.echo(result.answer)
+        if not quiet and (verbose or (sys.stderr.isatty() and not as_json)):
+            click.echo(status_line(result), err=True)
+
+
+def status_line(result) -> str:
+    """One line saying what ECSO did: verdict, judge reply, steps that ran, reused KV positions, encodes, time."""
+    if result.judge == "none":
+        verdict = "no defense (step 1 only)"
+    elif result.retracted:
+        verdict = "UNSAFE: retracted while streaming, answered again without the image"
+    elif result.unsafe:
+        verdict = "UNSAFE: answered again without the image"
+    else:
+        verdict = "safe"
+    judge = ""
+    if result.judge != "none":
+        stopped = any(s.name == "judge" and s.finish_reason == "decided" for s in result.steps)
+        reply = result.judge_reply + ("…" if stopped else "")  # early stop: the reply could no longer be "yes"
+        judge = f" · judge {result.judge} replied {reply!r}"
+        if result.judge_score is not None:
+            judge += f" (P(yes)={result.judge_score:.2f})"
+        if result.judge == "always-unsafe":
+            judge += ", verdict forced"
+    steps = " → ".join(s.name for s in result.steps)
+    reused = sum(s.reused_positions for s in result.steps)
+    prompt = sum(s.prompt_positions for s in result.steps)
+    encodes = f"{result.image_encodes} image encode{'s' if result.image_encodes != 1 else ''}"
+    if result.image_cache_hit:
+        encodes += " (embedding cache hit)"
+    return (f"[ecso] {verdict}{judge} · steps {steps} · reused {reused}/{prompt} prompt positions · {encodes} · "
+            f"{result.seconds:.1f} s")
 
 
 def _trace(result) -> None:
-    click.echo(f"[ecso] unsafe={result.unsafe} judge={result.judge} reply={result.judge_reply!r} "
-               f"image_encodes={result.image_encodes} cache_hit={result.image_cache_hit} "
-               f"total={result.seconds:.2f}s", err=True)
     for s in result.steps:
         click.echo(f"[ecso]   {s.name:<10} prompt={s.prompt_positions:>5} reused={s.reused_positions:>5} "
                    f"eval={s.evaluated_positions:>5} gen={s.generated_tokens:>4} enc={s.image_encodes} "
-                   f"prefill={s.prefill_seconds:.3f}s gen={s.generate_seconds:.3f}s", err=True)
+                   f"prefill={s.prefill_seconds:.3f}s gen={s.generate_seconds:.3f}s"
+                   + (f" via {s.path}" if s.path != "llm" else ""), err=True)
 
 
 def main() -> None:

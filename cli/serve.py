@@ -1,12 +1,15 @@
-"""`ecso serve`: a local OpenAI-compatible server with ECSO (thin wrapper over ecso.runtime.server)."""
+"""`ecso serve`: a local OpenAI-compatible server with ECSO and a page to watch it (thin wrapper over ecso.server)."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import signal
 from pathlib import Path
 
 import click
+
+from ecso.runtime.ecso import JUDGES as SELF_JUDGES
 
 from ecso.cli.common import engine_config, friendly_errors, model_options
 
@@ -22,7 +25,7 @@ from ecso.cli.common import engine_config, friendly_errors, model_options
               help="Model id shown to clients (default: the registry name or the GGUF file stem).")
 @click.option("--max-tokens", type=int, default=512, show_default=True,
               help="Answer length when a request gives no max_tokens.")
-@click.option("--judge", type=click.Choice(["paper", "logit", "append", "append-logit"]), default="paper",
+@click.option("--judge", type=click.Choice(SELF_JUDGES), default="paper",
               show_default=True, help="Default judge (a request may override it with \"ecso\": {\"judge\": ...}).")
 @click.option("--rule", "decision_rule", type=click.Choice(["exact", "contains"]), default="exact",
               show_default=True, help="How the judge's reply is read (exact = the paper's rule).")
@@ -44,12 +47,18 @@ from ecso.cli.common import engine_config, friendly_errors, model_options
                    "Default: refused.")
 @click.option("--allow-host", multiple=True, help="Extra Host header name to accept (DNS-rebinding protection "
               "accepts only loopback names by default; repeatable).")
+@click.option("--read-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a client may take to send its request headers, and again its body (then 408).")
 @click.option("--quiet", is_flag=True, help="No per-request log lines.")
 @friendly_errors
 def command(host, port, api_key, model_name, max_tokens, judge, decision_rule, stream_mode, max_waiting,
-            queue_timeout, max_body_mb, max_image_mb, image_cache, allow_file_dir, allow_domain, allow_host, quiet,
-            **model_kw):
+            queue_timeout, max_body_mb, max_image_mb, image_cache, allow_file_dir, allow_domain, allow_host,
+            read_timeout, quiet, **model_kw):
     """Serve the model as an OpenAI-compatible API with ECSO on every answer.
+
+    \b
+    Open http://127.0.0.1:8080/ in a browser to watch ECSO work: ask about an image and see the four steps,
+    their timings, the verdict, the judge's reply, the caption and any retraction live.
 
     \b
     Endpoints: POST /v1/chat/completions (text + image_url data: URIs, streaming or not), GET /v1/models,
@@ -62,9 +71,9 @@ def command(host, port, api_key, model_name, max_tokens, judge, decision_rule, s
       ecso serve --model llava-1.5-7b --port 8000
       ecso serve --model llm.gguf --mmproj mmproj.gguf --api-key "$KEY"
     """
+    _require_server_extra()
     from ecso.runtime import EcsoOptions, Engine
-    from ecso.runtime.openai_api import MediaPolicy
-    from ecso.runtime.server import EcsoServer, ServerConfig
+    from ecso.server import EcsoServer, MediaPolicy, ServerConfig
 
     options = EcsoOptions(judge=judge, decision_rule=decision_rule, max_tokens=max_tokens,
                           caption_max_tokens=max_tokens)
@@ -75,18 +84,32 @@ def command(host, port, api_key, model_name, max_tokens, judge, decision_rule, s
                         allow_domains=tuple(allow_domain))
     config = ServerConfig(host=host, port=port, model_name=name, api_key=api_key or None,
                           max_body_bytes=int(max_body_mb * 1024 * 1024), max_waiting=max_waiting,
-                          queue_timeout=queue_timeout, stream_mode=stream_mode, allowed_hosts=tuple(allow_host),
-                          media=media, log=not quiet)
+                          queue_timeout=queue_timeout, read_timeout=read_timeout, stream_mode=stream_mode,
+                          allowed_hosts=tuple(allow_host), media=media, log=not quiet)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
     with Engine(cfg) as engine:
         server = EcsoServer(engine, options, config)
-        click.echo(f"ecso: serving {name} at {server.url} (OpenAI-compatible; Ctrl-C to stop)")
+        click.echo(f"ecso: serving {name} at {server.url} (OpenAI-compatible; the page: {server.url[:-3]}/ ; "
+                   "Ctrl-C to stop)")
         try:
             server.serve_forever()
         except KeyboardInterrupt:
             click.echo("ecso: stopped")
         finally:
             server.close()
+
+
+SERVER_MODULES = ("starlette", "sse_starlette", "uvicorn", "pydantic")
+
+
+def _require_server_extra() -> None:
+    """`ecso serve` needs the server extra; say exactly what to install instead of an ImportError."""
+    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        from ecso.runtime.errors import EcsoError
+
+        raise EcsoError(f"ecso serve needs the server extra ({', '.join(missing)} not installed): "
+                        "pip install 'ecso[server]'")
 
 
 def _interrupt(signum, frame) -> None:

@@ -1,12 +1,15 @@
-"""ecso.eval: offline safety evaluation of ECSO (and the undefended model) on MM-SafetyBench, VLSafe and VLSBench.
+"""ecso.eval: offline evaluation of ECSO (and the undefended model): safety on MM-SafetyBench, VLSafe and VLSBench,
+visual safety information leakage (R1 / R2), and utility on MME and benign sets.
 
     from ecso.eval import EvalConfig, JudgeSpec, run_eval, write_report
     summary = run_eval(EvalConfig("vlsbench", "data/vlsbench", "runs/vls", engine=EngineConfig(model=...)))
     print(write_report("runs/vls").markdown)
 
 Modules: benchmarks (loaders -> Sample), judge_prompts (verbatim judge prompts), judges (rule / local GGUF /
-OpenAI-compatible), store (crash-safe run folder), runner (resumable generate -> judge -> leakage), report (tables,
-JSON, PNG), leakage (VSIL), data_engine (SFT records from ECSO's safe answers), speed (`ecso bench`).
+OpenAI-compatible / guard), guard (Llama Guard 3's format and mapping), store (crash-safe run folder), runner
+(resumable generate -> judge -> leakage), presets (the papers' settings), report + report_render (tables, JSON,
+PNG, the side-by-side summary), leakage (VSIL: R1 / R2), utility (MME, benign sets), data_engine (SFT records from
+ECSO's safe answers), speed (`ecso bench`).
 """
 
 import importlib
@@ -14,8 +17,9 @@ import importlib
 # name -> module; loaded on first use, so `import ecso.eval.speed` (or any sibling) does not import all of these
 _EXPORTS = {"BENCHMARKS": "benchmarks", "Sample": "benchmarks", "load_benchmark": "benchmarks",
             "Judgment": "judges", "JudgeInput": "judges", "RuleJudge": "judges", "LocalLLMJudge": "judges",
-            "OpenAIJudge": "judges", "EvalConfig": "runner", "EvalSummary": "runner", "JudgeSpec": "runner",
-            "run_eval": "runner", "build_report": "report", "write_report": "report", "export_sft": "data_engine"}
+            "OpenAIJudge": "judges", "GuardJudge": "judges", "EvalConfig": "runner", "EvalSummary": "runner",
+            "JudgeSpec": "runner", "run_eval": "runner", "build_report": "report", "write_report": "report",
+            "write_summary": "report", "export_sft": "data_engine", "get_preset": "presets"}
 __all__ = list(_EXPORTS)
 
 

@@ -10,6 +10,8 @@ Layouts (see the reference notes):
 - VLSafe: `harmlessness_examine.jsonl` ({"image_id", "caption", "query"}) + COCO train2017 images.
 - VLSBench: `data.json` (a list of {"instruction_id", "instruction", "image_path", "category", ...}) + `imgs/`.
 - custom: a JSONL of {"id", "image", "query", "category"} (image paths relative to the file), for the data engine.
+- benign: the same JSONL, read as benign inputs (utility: ECSO's flag rate and over-refusal; see utility.py).
+- MME: `MME_Benchmark_release_version/<subtask>/` (see utility.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Iterable, Optional, Sequence
 
 from ecso.runtime.errors import InputError
 
-BENCHMARKS = ("mm-safetybench", "vlsafe", "vlsbench", "custom")
+BENCHMARKS = ("mm-safetybench", "vlsafe", "vlsbench", "custom", "mme", "benign")
+UTILITY_BENCHMARKS = ("mme", "benign")  # benign inputs: scored by rule, never by a safety judge
 ALIASES = {"mmsb": "mm-safetybench", "mmsafetybench": "mm-safetybench", "mm_safetybench": "mm-safetybench",
            "mm-safety-bench": "mm-safetybench", "vls": "vlsbench"}
 
@@ -84,6 +87,12 @@ def load_benchmark(benchmark: str, data: str | Path, categories: Sequence[str] =
         raise InputError("--mode applies to MM-SafetyBench only")
     if bench == "mm-safetybench":
         samples = load_mmsafetybench(root, categories, modes)
+    elif bench == "mme":
+        from ecso.eval.utility import load_mme
+
+        samples = load_mme(root, tuple(categories))
+    elif bench == "benign":
+        samples = _filter_categories(_custom(root, "benign"), categories, bench)
     else:
         loader = {"vlsafe": _vlsafe, "vlsbench": _vlsbench, "custom": _custom}[bench]
         samples = loader(root, images) if bench == "vlsafe" else loader(root)
@@ -269,7 +278,7 @@ def _vlsbench(root: Path) -> list[Sample]:
 
 
 # --- custom JSONL (data engine on your own images) ------------------------------------------------------------------
-def _custom(root: Path) -> list[Sample]:
+def _custom(root: Path, benchmark: str = "custom") -> list[Sample]:
     if not root.is_file():
         raise InputError(f"custom data must be a JSONL file of {{\"id\", \"image\", \"query\"}} lines, not {root}")
     out: list[Sample] = []
@@ -282,7 +291,7 @@ def _custom(root: Path) -> list[Sample]:
                 if not isinstance(row, dict):
                     raise ValueError("not an object")
             except ValueError as e:
-                out.append(Sample(f"line{lineno}", "custom", UNKNOWN_CATEGORY, "", None, error=f"malformed: {e}"))
+                out.append(Sample(f"line{lineno}", benchmark, UNKNOWN_CATEGORY, "", None, error=f"malformed: {e}"))
                 continue
             sid = str(row.get("id", f"line{lineno}"))
             query = row.get("query") if isinstance(row.get("query"), str) else ""
@@ -291,7 +300,7 @@ def _custom(root: Path) -> list[Sample]:
             error = None if query.strip() else "malformed: no 'query'"
             if error is None and image is not None and not image.is_file():
                 error = f"missing image {image}"
-            out.append(Sample(sid, "custom", str(row.get("category") or "all"), query, _str(image),
+            out.append(Sample(sid, benchmark, str(row.get("category") or "all"), query, _str(image),
                               mode="image" if image else "text", error=error))
     return out
 

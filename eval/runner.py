@@ -4,7 +4,10 @@ Three passes, each skipping what the run folder already holds (see store.py for 
 1. generate: one ECSO request per sample; with both defenses, the undefended answer is ECSO's step 1 (the same
    greedy call with the same seed), recorded as its own "none" record: one model pass serves both columns.
 2. judge: every generated answer without a judgment by the current judge (failed calls are retried next time).
-3. leakage (--leakage): the judge reads each text query alone.
+3. leakage (--leakage): the judge reads each text query alone and, when it sees images, each image + text pair
+   (VLSBench's R1 / R2; see leakage.py).
+Utility benchmarks (MME, benign sets) skip pass 2: they are scored by rule in the report.
+A preset (presets.py) fixes the published settings and is recorded in run.json.
 A run refuses to continue with another model, prompt version or decoding settings unless forced; the judge may
 change freely (that is re-judging).
 """
@@ -21,9 +24,9 @@ from pathlib import Path
 from typing import Optional
 
 from ecso.eval import store
-from ecso.eval.benchmarks import Sample, load_benchmark
-from ecso.eval.judge_prompts import JUDGE_PROMPTS_VERSION, LEAKAGE_PROMPT_VERSION
-from ecso.eval.judges import JudgeInput, LocalLLMJudge, OpenAIJudge, RuleJudge
+from ecso.eval.benchmarks import UTILITY_BENCHMARKS, Sample, load_benchmark
+from ecso.eval.judge_prompts import JUDGE_PROMPTS_VERSION, LEAKAGE_PROMPT_VERSION, PAIR_PROMPT_VERSION
+from ecso.eval.judges import GuardJudge, JudgeInput, LocalLLMJudge, OpenAIJudge, RuleJudge
 from ecso.runtime import EcsoError, EcsoOptions, EngineConfig, InputError, PROMPT_VERSION
 
 DEFENSES = ("none", "ecso")
@@ -32,11 +35,13 @@ RUN_FORMAT = 1
 
 @dataclass(frozen=True)
 class JudgeSpec:
-    """Which judge reads the answers: rule | llm (a local GGUF; default the demo model) | openai (URL) | none."""
+    """Which judge reads the answers: rule | llm (a local GGUF; default the demo model) | openai (URL) |
+    guard (a Llama Guard GGUF, or with a URL a guard behind an OpenAI-compatible server) | none."""
 
     kind: str = "rule"
-    model: Optional[str] = None  # llm: GGUF path or registry name; openai: the model name
+    model: Optional[str] = None  # llm / guard: GGUF path or registry name; openai / guard with URL: the model name
     url: Optional[str] = None
+    mmproj: Optional[str] = None  # llm: a vision projector, so the judge sees images (default: the registry's)
     max_tokens: Optional[int] = None  # None: per-benchmark default
     n_ctx: int = 4096
     prompt_set: str = "official"  # MM-SafetyBench: official (evaluation.py) | ecso (ECSO's query_safety copy)
@@ -49,35 +54,52 @@ class JudgeSpec:
         j = judge.strip()
         if j.startswith("openai:"):
             return cls("openai", model, j[len("openai:"):], **kw)
-        if j in ("rule", "llm", "none"):
+        if j.startswith("guard:"):
+            return cls("guard", model, j[len("guard:"):], **kw)
+        if j in ("rule", "llm", "guard", "none"):
             return cls(j, model, None, **kw)
-        raise InputError(f"unknown --judge {judge!r}; use rule, llm, none or openai:URL")
+        raise InputError(f"unknown --judge {judge!r}; use rule, llm, guard, guard:URL, openai:URL or none")
 
     def validate(self) -> None:
         """Fails before any generation, not after hours of it."""
-        if self.kind == "openai":
+        if self.url is not None:
             from ecso.eval.judges import chat_endpoint
 
-            chat_endpoint(self.url or "")
+            chat_endpoint(self.url)
             if not self.model:
-                raise InputError("an OpenAI-compatible judge needs --judge-model NAME (e.g. gpt-4o)")
-        if self.kind == "llm":
-            self.local_model()
+                raise InputError("an OpenAI-compatible judge needs --judge-model NAME (e.g. gpt-4o, llama-guard3)")
+        if self.kind == "guard" and self.url is None and not self.model:
+            raise InputError("--judge guard needs --judge-model: a Llama Guard 3 GGUF (or guard:URL for a server)")
+        if self.kind in ("llm", "guard") and self.url is None:
+            model = self.local_model()
+            if self.kind == "guard":
+                from ecso.eval.guard import gguf_has_guard_template
+
+                if not gguf_has_guard_template(model):
+                    raise InputError(f"{Path(model).name} has no Llama Guard chat template; --judge guard needs a "
+                                     "Llama Guard 3 GGUF (or use --judge llm for an instruct model)")
         if self.prompt_set not in ("official", "ecso"):
             raise InputError(f"unknown judge prompt set {self.prompt_set!r}; use official or ecso")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise InputError("--judge-max-tokens must be at least 1")
 
     def local_model(self) -> str:
-        """The GGUF of a local judge: a path, or a registered name (default: the demo model)."""
+        return self.local_files()[0]
+
+    def local_files(self) -> tuple[str, Optional[str]]:
+        """(GGUF, vision projector or None) of a local judge: a path, or a registered name (default: the demo
+        model). A registered name brings its projector; --judge-mmproj sets one explicitly."""
         from ecso.models.registry import resolve
 
-        model = self.model or "demo"
+        model, mmproj = self.model or "demo", self.mmproj
         if not model.endswith(".gguf") and not Path(model).exists():
-            model = resolve(model).model
+            entry = resolve(model)
+            model, mmproj = entry.model, mmproj or entry.mmproj
         if not Path(model).is_file():
             raise InputError(f"judge model {model} not found; give --judge-model a GGUF file or a registered name")
-        return model
+        if mmproj and not Path(mmproj).is_file():
+            raise InputError(f"judge projector {mmproj} not found; give --judge-mmproj an mmproj GGUF")
+        return model, mmproj
 
 
 @dataclass
@@ -94,6 +116,9 @@ class EvalConfig:
     images: Optional[str] = None
     judge: JudgeSpec = field(default_factory=JudgeSpec)
     leakage: bool = False
+    system_prompt: Optional[str] = None  # sent as the first message of step 1 (a preset's conversation template)
+    query_suffix: str = ""  # appended to every query (MME: LLaVA's short-answer line)
+    preset: Optional[dict] = None  # presets.Preset.record(), kept in run.json
     force: bool = False
     retry_errors: bool = False
     progress: bool = True
@@ -113,7 +138,9 @@ class EvalSummary:
     judge_errors: int = 0
     unparsed: int = 0
     leakage_judged: int = 0
+    leakage_views: tuple[str, ...] = ()  # "text" and, with a judge that sees images, "pair"
     ecso_flagged: int = 0  # samples whose ECSO self-judge said unsafe (this invocation)
+    first_judge_error: str = ""
     seconds: float = 0.0
     repaired_bytes: int = 0  # a torn last line cut off (after a kill)
     notes: list[str] = field(default_factory=list)
@@ -133,7 +160,8 @@ def generation_identity(cfg: EvalConfig) -> dict:
             "prompt_version": PROMPT_VERSION, "decision_rule": o.decision_rule, "self_judge": o.judge,
             "logit_threshold": o.logit_threshold, "max_tokens": o.max_tokens,
             "caption_max_tokens": o.caption_max_tokens, "judge_max_tokens": o.judge_max_tokens,
-            "temperature": o.temperature, "top_p": o.top_p, "seed": o.seed}
+            "temperature": o.temperature, "top_p": o.top_p, "seed": o.seed, "system_prompt": cfg.system_prompt,
+            "query_suffix": cfg.query_suffix or None}
 
 
 _IDENTITY_IGNORED = ("model", "mmproj")  # paths may move; the fingerprints decide
@@ -164,10 +192,12 @@ class _Engines:
     def eval_engine(self):
         return self._get(self.eval_config)
 
-    def text_engine(self, config: EngineConfig):
-        """An engine for text-only prompts (a local judge): the eval engine when it is the same model, else a new
-        one, after freeing the eval engine (generation is over; two big models need not share the memory)."""
-        if str(Path(config.model).resolve()) == str(Path(self.eval_config.model).resolve()):
+    def judge_engine(self, config: EngineConfig):
+        """An engine for a local judge: the eval engine when it is the same model (and projector, if the judge has
+        one), else a new one, after freeing the eval engine (generation is over; two big models need not share
+        the memory)."""
+        same_model = str(Path(config.model).resolve()) == str(Path(self.eval_config.model).resolve())
+        if same_model and (config.mmproj is None or config.mmproj == self.eval_config.mmproj):
             return self._get(self.eval_config)
         self.close()
         return self._get(config)
@@ -192,13 +222,21 @@ def make_judge(spec: JudgeSpec, engines: _Engines):
         return None
     if spec.kind == "rule":
         return RuleJudge()
-    if spec.kind == "openai":
-        return OpenAIJudge(spec.url or "", spec.model or "", spec.max_tokens, spec.prompt_set, spec.send_images,
-                           retries=spec.retries, retry_wait=spec.retry_wait)
+    if spec.url is not None:  # openai:URL, guard:URL
+        transport = OpenAIJudge(spec.url, spec.model or "", spec.max_tokens, spec.prompt_set,
+                                spec.send_images and spec.kind == "openai", retries=spec.retries,
+                                retry_wait=spec.retry_wait)
+        return GuardJudge(transport) if spec.kind == "guard" else transport
     base = engines.eval_config
-    config = EngineConfig(model=spec.local_model(), n_ctx=spec.n_ctx, n_threads=base.n_threads, n_gpu_layers=base.n_gpu_layers,
-                          flash_attn=base.flash_attn, verbose=base.verbose, cpu_repack=base.cpu_repack)
-    return LocalLLMJudge(engines.text_engine(config), spec.max_tokens, spec.prompt_set)
+    model, mmproj = spec.local_files()
+    if spec.kind == "guard":
+        mmproj = None  # Llama Guard 3 reads text
+    config = EngineConfig(model=model, mmproj=mmproj, n_ctx=spec.n_ctx, n_threads=base.n_threads,
+                          n_gpu_layers=base.n_gpu_layers, flash_attn=base.flash_attn, verbose=base.verbose,
+                          cpu_repack=base.cpu_repack)
+    local = LocalLLMJudge(engines.judge_engine(config), spec.max_tokens, spec.prompt_set,
+                          sees_images=bool(mmproj) and spec.send_images)
+    return GuardJudge(local) if spec.kind == "guard" else local
 
 
 def run_eval(cfg: EvalConfig) -> EvalSummary:
@@ -229,7 +267,10 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
         try:
             summary.repaired_bytes += responses.repaired_bytes
             _generate(cfg, samples, responses, identity, engines, summary)
-            judge = make_judge(cfg.judge, engines)
+            utility = bench in UTILITY_BENCHMARKS
+            judge = None if utility else make_judge(cfg.judge, engines)
+            if utility and cfg.judge.kind != "rule":
+                summary.notes.append(f"{bench} is scored by rule in the report; --judge is not used")
             if judge is not None:
                 summary.judge = judge.id
                 run_info["judge"] = judge.id
@@ -237,15 +278,24 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
                 store.write_json_atomic(run_dir / store.RUN_FILE, run_info)
                 _judge_all(cfg, samples, responses, judge, run_dir, summary)
                 if cfg.leakage:
+                    views = ("text", "pair") if judge.sees_images else ("text",)
                     run_info["leakage_judge"] = judge.id
+                    run_info["leakage_views"] = list(views)
                     store.write_json_atomic(run_dir / store.RUN_FILE, run_info)
-                    _leakage_all(cfg, samples, judge, run_dir, summary)
+                    _leakage_all(cfg, samples, judge, views, run_dir, summary)
+                    if not judge.sees_images:
+                        summary.notes.append(f"judge {judge.id} does not see images: text-alone harm rate only, "
+                                             "no R1 / R2 (use --judge llm with a vision GGUF, or openai:URL)")
                 judge.close()
             elif cfg.leakage:
-                summary.notes.append("--leakage needs a judge; skipped with --judge none")
+                summary.notes.append("--leakage needs a judge; skipped" + (" for utility benchmarks" if utility
+                                                                            else " with --judge none"))
         finally:
             responses.close()
             engines.close()
+    if summary.judge_errors:
+        summary.notes.append(f"{summary.judge_errors} judge calls failed and count as unknown (first: "
+                             f"{summary.first_judge_error}); run again to retry them")
     if summary.repaired_bytes:
         summary.notes.append(f"cut a torn last line ({summary.repaired_bytes} bytes) left by an interrupted run")
     summary.seconds = time.perf_counter() - t0
@@ -262,6 +312,7 @@ def _run_info(cfg: EvalConfig, bench: str, identity: dict, previous: Optional[di
         "defenses": sorted(set(info.get("defenses", [])) | set(cfg.defenses), key=DEFENSES.index),
         "generation": identity if previous is None or cfg.force else info.get("generation", identity),
         "judge_prompts_version": JUDGE_PROMPTS_VERSION, "leakage_prompt_version": LEAKAGE_PROMPT_VERSION,
+        "pair_prompt_version": PAIR_PROMPT_VERSION, "preset": cfg.preset,
         "created": info.get("created", now), "updated": now,
     })
     info["defenses_last_run"] = list(cfg.defenses)
@@ -307,15 +358,22 @@ def _options(cfg: EvalConfig, defenses: list[str]):
     return replace(cfg.options, defense="ecso" in defenses, guard_every=0)
 
 
+def _history(cfg: EvalConfig) -> list:
+    from ecso.runtime import Message
+
+    return [Message("system", cfg.system_prompt)] if cfg.system_prompt else []
+
+
 def _outcomes(cfg: EvalConfig, todo: list, engine):
     """(item, Result or EcsoError) per item: one at a time, or `--parallel N` requests decoded together (in
     completion order; records are keyed, so the order in the file does not matter)."""
     from ecso.runtime import run
 
+    history = _history(cfg)
     if engine.config.parallel > 1:
         from ecso.runtime.batch import Request, run_batched
 
-        reqs = [Request(s.image, s.query, _options(cfg, d)) for s, d in todo]
+        reqs = [Request(s.image, s.query + cfg.query_suffix, _options(cfg, d), history) for s, d in todo]
         with contextlib.closing(run_batched(engine, reqs, cfg.options, None)) as outcomes:
             for i, outcome in outcomes:
                 if not isinstance(outcome, EcsoError) and isinstance(outcome, BaseException):
@@ -324,14 +382,15 @@ def _outcomes(cfg: EvalConfig, todo: list, engine):
         return
     for sample, defenses in todo:
         try:
-            yield (sample, defenses), run(engine, sample.image, sample.query, _options(cfg, defenses))
+            yield (sample, defenses), run(engine, sample.image, sample.query + cfg.query_suffix,
+                                          _options(cfg, defenses), history=history)
         except EcsoError as e:
             yield (sample, defenses), e
 
 
 def _write_outcome(sample: Sample, defenses: list[str], result, log: store.JsonlLog, identity: dict,
                    summary: EvalSummary) -> None:
-    if isinstance(result, EcsoError):  # a corrupt image, a prompt over the context...: recorded, the run goes on
+    if isinstance(result, EcsoError):  # a corrupt image, a prompt over the context: recorded, counted, the run goes on
         e = result
         for d in defenses:
             log.append(_record(sample, d, identity, "error", error=f"{type(e).__name__}: {e}"))
@@ -405,6 +464,8 @@ def _judge_all(cfg: EvalConfig, samples: list[Sample], responses: store.JsonlLog
                             "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
                 summary.judged += 1
                 summary.judge_errors += j.parse == "error"
+                if j.parse == "error" and not summary.first_judge_error:
+                    summary.first_judge_error = j.error
                 summary.unparsed += j.parse == "unparsed"
                 bar.update(1)
         finally:
@@ -414,19 +475,25 @@ def _judge_all(cfg: EvalConfig, samples: list[Sample], responses: store.JsonlLog
 
 
 # --- pass 3: leakage --------------------------------------------------------------------------------------------
-def _leakage_all(cfg: EvalConfig, samples: list[Sample], judge, run_dir: Path, summary: EvalSummary) -> None:
-    from ecso.eval.leakage import judge_leakage
+def _leakage_all(cfg: EvalConfig, samples: list[Sample], judge, views: tuple[str, ...], run_dir: Path,
+                 summary: EvalSummary) -> None:
+    from ecso.eval.leakage import judge_leakage, record_key
 
+    summary.leakage_views = views
     log = store.JsonlLog(run_dir / store.LEAKAGE_FILE)
     summary.repaired_bytes += log.repaired_bytes
     try:
-        todo = [s for s in samples if s.query.strip() and
-                (log.records.get(f"{s.id}|{judge.id}") or {}).get("parse", "error") == "error"]
+        def pending(s: Sample) -> bool:
+            return any((log.records.get(record_key(s.id, judge.id, v)) or {}).get("parse", "error") == "error"
+                       for v in views if v == "text" or (s.image and not s.error))
+
+        todo = [s if not s.error else replace(s, image=None) for s in samples  # unusable image: text view only
+                if s.query.strip() and pending(s)]
         if not todo:
             return
         bar = _bar(cfg, len(todo), 0, f"{summary.benchmark}: leakage ({judge.id})")
         try:
-            summary.leakage_judged += judge_leakage(todo, judge, log, on_done=lambda: bar.update(1))
+            summary.leakage_judged += judge_leakage(todo, judge, log, views, on_done=lambda: bar.update(1))
         finally:
             bar.close()
     finally:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 from ecso.runtime import EcsoOptions, Engine, Message, Result, Sampling, run
+from ecso.runtime.kv import ImagePiece
 from ecso.runtime.native import default_model_params_without_repack
 
 QUERY = "Describe this picture in detail, then tell a long story about it."
@@ -83,7 +84,8 @@ def run_bench(engine: Engine, image, repeats: int = 5, max_tokens: int = 64, que
     say = progress or (lambda msg: None)
     base = dict(max_tokens=max_tokens, caption_max_tokens=max_tokens, judge_max_tokens=8)
     loaded = engine.load_image(image)
-    img_tokens = engine._image_entry(loaded).n_pos
+    prompt, _ = engine.build_prompt([Message("user", query)], loaded)
+    img_tokens = sum(p.n_pos for p in prompt.pieces if isinstance(p, ImagePiece))
     rep = BenchReport(engine.config.model, engine.config.mmproj, img_tokens, max_tokens, repeats)
     samples: dict[str, list[float]] = {}
     encodes: dict[str, list[int]] = {}

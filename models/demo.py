@@ -46,7 +46,7 @@ def demo_llm_path() -> Path:
     return path
 
 
-def _demo_tower_weights(image_size: int, seed: int = 576) -> dict[str, np.ndarray]:
+def demo_tower_weights(image_size: int, seed: int = 576) -> dict[str, np.ndarray]:
     """A narrow random CLIP-style tower (hidden 32, ffn 48, 2 layers) with a 32 -> 576 -> 576 projector.
     Projector outputs are kept small (std ~0.03) so the random image tokens disturb the real LLM little."""
     rng = np.random.Generator(np.random.PCG64(seed))
@@ -78,7 +78,7 @@ def write_demo_mmproj(path: Path, image_size: int = DEMO_IMAGE_SIZE) -> Path:
 
     if image_size % 14:
         raise ValueError("the demo projector's image size must be a multiple of 14")
-    w = _demo_tower_weights(image_size)
+    w = demo_tower_weights(image_size)
     vp = VisionParams(image_size=image_size, patch_size=14, hidden=32, ffn=48, heads=2, layers=2, feature_layer=-2,
                       projection_dim=DEMO_HIDDEN, image_mean=(0.48145466, 0.4578275, 0.40821073),
                       image_std=(0.26862954, 0.26130258, 0.27577711), use_gelu=False,

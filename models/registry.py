@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -117,4 +117,38 @@ def resolve(name: str) -> ModelEntry:
                 raise UnknownModel(f"model {name!r} is not on this machine: {entry.how_to_get or 'add it'}")
             return entry
     known = ", ".join(e.name for e in list_models())
-    raise UnknownModel(f"unknown model {name!r}; known: {known}; or pass --model FILE.gguf --mmproj FILE.gguf")
+    raise UnknownModel(f"unknown model {name!r}: no such file or folder, and no model of that name (known: {known}); "
+                       "give a GGUF file (+ its mmproj), a folder exported by `ecso export llava`, or a name "
+                       "registered with `ecso models add`")
+
+
+EXPORT_FILES = ("llm.gguf", "mmproj.gguf", "ecso.json")  # what `ecso export llava` writes (export/llava_gguf.py)
+
+
+def locate(name_or_path: str, mmproj: Optional[str] = None) -> ModelEntry:
+    """What `--model` and `ecso.load` accept, tried in this order: a folder of our export (llm.gguf + mmproj.gguf +
+    ecso.json), a GGUF file, a registry name. An explicit `mmproj` wins over the one found."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _export_folder(path, mmproj)
+    if path.suffix == ".gguf" or path.exists():
+        # existence and format are checked where the file is opened (the engine), with the same messages
+        return ModelEntry(path.stem, "GGUF file", str(path), mmproj, "auto")
+    entry = resolve(name_or_path)
+    return replace(entry, mmproj=mmproj or entry.mmproj)
+
+
+def _export_folder(folder: Path, mmproj: Optional[str]) -> ModelEntry:
+    missing = [f for f in EXPORT_FILES if not (folder / f).is_file()]
+    if missing:
+        raise UnknownModel(f"{folder} is a folder but not an ecso export: looked for {', '.join(EXPORT_FILES)}, "
+                           f"missing {', '.join(missing)}; export one with `ecso export llava HF_DIR --out DIR`, "
+                           "or give the GGUF files themselves")
+    try:
+        manifest = json.loads((folder / "ecso.json").read_text())
+        chat_format = manifest.get("chat_format", "auto")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
+        raise UnknownModel(f"{folder / 'ecso.json'} is not a valid export manifest ({e}); export the folder again"
+                           ) from None
+    return ModelEntry(folder.name, f"ecso export of {manifest.get('source', '?')}", str(folder / "llm.gguf"),
+                      mmproj or str(folder / "mmproj.gguf"), chat_format)

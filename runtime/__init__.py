@@ -7,7 +7,7 @@
 
 from ecso.runtime.ecso import JUDGES, Ecso, EcsoOptions, Heads, Result, StepEvent, StepTrace, run, stream
 from ecso.runtime.engine import Engine, EngineConfig, Generation, Sampling
-from ecso.runtime.errors import (ContextOverflowError, EcsoError, EngineError, ImageError, InputError,
+from ecso.runtime.errors import (Cancelled, ContextOverflowError, EcsoError, EngineError, ImageError, InputError,
                                  ModelError)
 from ecso.runtime.images import ImageLimits, LoadedImage, load_image
 from ecso.runtime.prompts import PROMPT_VERSION, Message
@@ -15,5 +15,5 @@ from ecso.runtime.prompts import PROMPT_VERSION, Message
 __all__ = [
     "Ecso", "EcsoOptions", "Heads", "Engine", "EngineConfig", "Generation", "Sampling", "Result", "StepEvent", "StepTrace",
     "run", "stream", "JUDGES", "Message", "PROMPT_VERSION", "ImageLimits", "LoadedImage", "load_image",
-    "EcsoError", "InputError", "ImageError", "ModelError", "ContextOverflowError", "EngineError",
+    "Cancelled", "EcsoError", "InputError", "ImageError", "ModelError", "ContextOverflowError", "EngineError",
 ]

@@ -18,13 +18,15 @@ from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 import numpy as np
 
 from ecso.runtime.engine import Engine, EngineConfig, Generation, PrefillStats, Prompt, Sampler, Sampling
-from ecso.runtime.errors import EcsoError, InputError
+from ecso.runtime.errors import Cancelled, EcsoError, InputError
 from ecso.runtime.images import ImageSource, LoadedImage
 from ecso.runtime.kv import TextPiece, aligned_to
 from ecso.runtime.prompts import (APPEND_JUDGE_PROMPT, DECISION_RULES, PROMPT_VERSION, TELL_RESPONSE_CHARS, Message,
                                   cap_prompt, gen_prompt, is_unsafe_reply, tell_prompt)
 
-JUDGES = ("paper", "logit", "append", "append-logit")
+# always-unsafe: for demonstrations and tests of the unsafe path: the paper's judge runs and its reply is recorded,
+# but the verdict is always unsafe, so steps 3 and 4 always run (Result.judge says "always-unsafe")
+JUDGES = ("paper", "logit", "append", "append-logit", "always-unsafe")
 _YES = ("yes", "Yes", "YES", " yes", " Yes")
 _NO = ("no", "No", "NO", " no", " No")
 
@@ -146,13 +148,14 @@ class Heads:
 
 def run(engine: Engine, image: Optional[ImageSource], query: str, options: EcsoOptions = EcsoOptions(),
         on_event: Optional[Callable[[StepEvent], None]] = None, heads: Heads = Heads(),
-        history: Sequence[Message] = ()) -> Result:
+        history: Sequence[Message] = (), should_cancel: Optional[Callable[[], bool]] = None) -> Result:
     """Runs ECSO for one request; `on_event` receives StepEvents as they happen (used by `stream`).
+    `should_cancel`: checked between decode batches, tokens and steps; True stops the request with `Cancelled`.
 
     `history`: earlier turns of a conversation (system / user / assistant), sent before `query` in step 1 and to
     the appended judges; the image goes first in the first user turn (LLaVA style). The paper's TELL / CAP / GEN
     prompts stay single-turn."""
-    with engine.lock:
+    with engine.cancellable(should_cancel):  # holds the engine lock for the whole request
         return prepare_request(engine, image, query, options, on_event, heads, history).run()
 
 
@@ -179,7 +182,7 @@ def stream(engine: Engine, image: Optional[ImageSource], query: str,
            history: Sequence[Message] = ()) -> Iterator[StepEvent]:
     """Yields StepEvents (answer tokens as they are generated) and finally a `result` event.
     The request runs in a worker thread holding the engine lock; if the consumer stops iterating (or closes the
-    generator), the worker is cancelled at its next event and the lock is released."""
+    generator), the worker is cancelled at its next decode batch or token and the lock is released."""
     import queue
     import threading
 
@@ -194,8 +197,8 @@ def stream(engine: Engine, image: Optional[ImageSource], query: str,
 
     def work() -> None:
         try:
-            run(engine, image, query, options, on_event, heads, history)
-        except _Cancelled:
+            run(engine, image, query, options, on_event, heads, history, should_cancel=stop.is_set)
+        except (_Cancelled, Cancelled):
             pass
         except BaseException as e:  # re-raised in the consumer
             error.append(e)
@@ -394,7 +397,7 @@ class _Request:
             reply = "yes" if v.unsafe else "no"
             self.end(trace, reply)
             return bool(v.unsafe), reply, float(v.score)
-        if o.judge in ("paper", "logit"):
+        if o.judge in ("paper", "logit", "always-unsafe"):
             prompt = self.prompts.judge(answer1)
         else:  # append: the question goes after the answer already in the cache
             prompt = self.prompts.appended(p1, first.tokens, answer1, APPEND_JUDGE_PROMPT)
@@ -413,7 +416,7 @@ class _Request:
                 trace.finish_reason = "decided"
             reply = g.text.strip()
             score = None
-            unsafe = is_unsafe_reply(reply, o.decision_rule)
+            unsafe = o.judge == "always-unsafe" or is_unsafe_reply(reply, o.decision_rule)
         self.end(trace, reply)
         return unsafe, reply, score
 

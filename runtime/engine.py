@@ -16,6 +16,7 @@ lock for the whole request.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import functools
 import os
@@ -27,13 +28,20 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ecso.runtime.errors import ContextOverflowError, EngineError, InputError, ModelError
+from ecso.runtime.errors import Cancelled, ContextOverflowError, EngineError, InputError, ModelError
 from ecso.runtime.images import (CachedEmbedding, EmbeddingCache, ImageLimits, ImageSource, LoadedImage,
                                  file_fingerprint, load_image)
 from ecso.runtime.kv import ImagePiece, Piece, PrefixCache, TextPiece, n_positions, suffix_after
+from ecso.runtime.media import ImageChunk, encode_block, tokenize_image
 from ecso.runtime.native import gpu_offload_supported, read_gguf_info, resolve_cpu_repack, set_native_logging
 from ecso.runtime.prompts import ChatFormat, Message, RenderedPrompt, chat_format_for
 from ecso.runtime.vocab import Vocab, space_prefix_override, wants_space_prefix
+
+
+# mmproj projector types (`clip.projector_type`) proven end to end on tiny converted checkpoints
+# (tests/test_families.py)
+PROVEN_PROJECTORS = ("mlp (LLaVA-1.5)", "qwen2vl_merger (Qwen2-VL)", "qwen2.5vl_merger (Qwen2.5-VL)",
+                     "gemma3 (Gemma 3)", "idefics3 (SmolVLM / Idefics3)")
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,11 @@ class Prompt:
     @property
     def n_pos(self) -> int:
         return n_positions(self.pieces)
+
+    @property
+    def n_cells(self) -> int:
+        """KV cells the prompt fills: more than n_pos when an M-RoPE image packs several tokens per position."""
+        return sum(p.n_tokens if isinstance(p, ImagePiece) else p.n_pos for p in self.pieces)
 
 
 @dataclass
@@ -149,19 +162,6 @@ def _split_at(tokens: list[int], cut: int) -> list[Piece]:
     return [TextPiece(tuple(t)) for t in (tokens[:cut], tokens[cut:]) if t]
 
 
-class _ImageChunk:
-    """Owns one copied mtmd image chunk; freed when the last reference goes."""
-
-    def __init__(self, ptr, mtmd):
-        self.ptr = ptr
-        self._mtmd = mtmd
-
-    def __del__(self):
-        if self.ptr:
-            self._mtmd.mtmd_input_chunk_free(self.ptr)
-            self.ptr = None
-
-
 class Engine:
     """A loaded model. Use as a context manager or call close(); see module docstring for thread safety."""
 
@@ -206,6 +206,7 @@ class Engine:
         # Optional hook called for every evaluation: ("text", tokens, pos0) or ("image", n_pos, pos0). Tests use it to
         # check the tokens each step actually evaluates; apps can use it for tracing. Must not call the engine.
         self.observer: Optional[Callable[[str, object, int], None]] = None
+        self._should_cancel: Optional[Callable[[], bool]] = None  # set only inside `cancellable` (see there)
         self.image_cache = EmbeddingCache(config.image_cache_entries)
         v = self._vocab
         self.chat_format: ChatFormat = chat_format_for(config.chat_format, template, v.token_text(v.bos),
@@ -263,8 +264,11 @@ class Engine:
                 p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
             self._mctx = M.mtmd_init_from_file(str(cfg.mmproj).encode(), self._model, p)
             if not self._mctx:
-                raise ModelError(f"llama.cpp could not load the mmproj {cfg.mmproj} with this model (corrupt file, "
-                                 "or a projector made for another model); run with -v for details")
+                kind = self.mmproj_info.get("clip.projector_type") if self.mmproj_info is not None else None
+                raise ModelError(f"llama.cpp could not load the mmproj {cfg.mmproj} (projector {kind!r}) with this "
+                                 "model: corrupt, made for another model, or a family this llama.cpp cannot run; "
+                                 f"proven with ecso: {', '.join(PROVEN_PROJECTORS)}; "
+                                 "run with -v for llama.cpp's reason")
             if not M.mtmd_support_vision(self._mctx):
                 raise ModelError(f"{cfg.mmproj} has no vision encoder")
 
@@ -385,53 +389,41 @@ class Engine:
         hit = self.image_cache.get(key)
         if hit is not None:
             return hit
-        M = self._M
-        rgb = (ctypes.c_uint8 * len(image.rgb)).from_buffer_copy(image.rgb)
-        bitmap = M.mtmd_bitmap_init(image.width, image.height, rgb)
-        if not bitmap:
-            raise InputError(f"llama.cpp refused image {image.source} ({image.width}x{image.height})")
-        chunks = M.mtmd_input_chunks_init()
-        try:
-            text = M.mtmd_input_text()
-            marker = M.mtmd_default_marker()
-            text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
-            bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            rc = M.mtmd_tokenize(self._mctx, chunks, ctypes.byref(text), bitmaps, 1)
-            if rc != 0:
-                raise InputError(f"llama.cpp could not preprocess image {image.source} (mtmd_tokenize={rc})")
-            chunk = None
-            for i in range(M.mtmd_input_chunks_size(chunks)):
-                c = M.mtmd_input_chunks_get(chunks, i)
-                if M.mtmd_input_chunk_get_type(c) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                    chunk = c
-            if chunk is None:
-                raise InputError(f"llama.cpp produced no image tokens for {image.source}")
-            owned = _ImageChunk(M.mtmd_input_chunk_copy(chunk), M)
-            entry = CachedEmbedding(owned, None, M.mtmd_input_chunk_get_n_tokens(chunk),
-                                    M.mtmd_input_chunk_get_n_pos(chunk))
-        finally:
-            M.mtmd_input_chunks_free(chunks)
-            M.mtmd_bitmap_free(bitmap)
-        del rgb
+        block = tokenize_image(self._M, self._mctx, image)
+        entry = CachedEmbedding(block, None, block.n_cells, block.n_pos)
         self.image_cache.put(key, entry)
         return entry
 
-    def _encode(self, entry: CachedEmbedding) -> np.ndarray:
-        M = self._M
-        rc = M.mtmd_encode_chunk(self._mctx, entry.chunk.ptr)
-        if rc != 0:
-            raise EngineError(f"the vision encoder failed (mtmd_encode_chunk={rc})")
-        ptr = M.mtmd_get_output_embd(self._mctx)
-        return np.ctypeslib.as_array(ptr, shape=(entry.n_tokens * self.n_embd,)).copy()
+    def _encode(self, entry: CachedEmbedding) -> list[np.ndarray]:
+        """Every image chunk of the block encoded (one array per tile): once per image and request."""
+        return encode_block(self._M, self._mctx, entry.chunk, self.n_embd)
+
+    # ---------------------------------------------------------------------------------------------- cancellation
+    @_public
+    @contextlib.contextmanager
+    def cancellable(self, should_cancel: Optional[Callable[[], bool]]):
+        """While the block runs (holding the lock), `should_cancel()` is checked before each prompt piece (an image
+        is one), each decode batch and each generated token; when it returns True the work stops with `Cancelled`.
+        This is how a server frees the engine promptly when its client leaves, even mid-prefill or mid-judge."""
+        with self.lock:
+            outer, self._should_cancel = self._should_cancel, should_cancel
+            try:
+                yield
+            finally:
+                self._should_cancel = outer
+
+    def _check_cancel(self) -> None:
+        if self._should_cancel is not None and self._should_cancel():
+            raise Cancelled("the request was cancelled")
 
     # ---------------------------------------------------------------------------------------------- KV + decode
     @_public
     def check_budget(self, prompt: Prompt, max_tokens: int, what: str = "prompt") -> None:
-        need = prompt.n_pos + max_tokens
+        need = prompt.n_cells + max_tokens
         if need > self.n_ctx:
-            img = sum(p.n_pos for p in prompt.pieces if isinstance(p, ImagePiece))
+            img = sum(p.n_tokens for p in prompt.pieces if isinstance(p, ImagePiece))
             raise ContextOverflowError(
-                f"{what} needs {prompt.n_pos} positions ({img} for the image) + {max_tokens} new tokens = {need}, "
+                f"{what} needs {prompt.n_cells} tokens ({img} for the image) + {max_tokens} new tokens = {need}, "
                 f"more than the context of {self.n_ctx}; use a shorter query, fewer --max-tokens or a larger --ctx")
 
     @_public
@@ -468,6 +460,7 @@ class Engine:
             encodes, t_enc = 0, 0.0
             pos = keep
             for piece in suffix_after(prompt.pieces, keep):
+                self._check_cancel()
                 if isinstance(piece, TextPiece):
                     self._decode_text(piece.tokens, pos, logits_all, logits_out)
                 else:
@@ -492,6 +485,7 @@ class Engine:
         if self.observer is not None:
             self.observer("text", tuple(tokens), pos0)
         for start in range(0, n, self.n_batch):
+            self._check_cancel()
             part = tokens[start:start + self.n_batch]
             b.n_tokens = len(part)
             for i, tok in enumerate(part):
@@ -508,18 +502,30 @@ class Engine:
                     ptr = L.llama_get_logits_ith(self._ctx, i)
                     logits_out.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
 
-    def _decode_image(self, entry: CachedEmbedding, embd: np.ndarray, pos: int) -> None:
+    def _decode_image(self, entry: CachedEmbedding, embd: list[np.ndarray], pos: int) -> None:
+        """Decodes the image block: its marker tokens as text, each image chunk from its embeddings (mtmd sets the
+        positions: M-RoPE grids for Qwen2-VL, non-causal attention for Gemma 3)."""
         L, M = self._L, self._M
         if self.observer is not None:
             self.observer("image", entry.n_pos, pos)
-        new_n_past = L.llama_pos(0)
-        ptr = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        rc = M.mtmd_helper_decode_image_chunk(self._mctx, self._ctx, entry.chunk.ptr, ptr, pos, 0, self.n_batch,
-                                              ctypes.byref(new_n_past), M.mtmd_helper_post_decode_callback(), None)
-        if rc != 0:
-            self._fail_decode(rc)
-        if new_n_past.value != pos + entry.n_pos:
-            raise EngineError(f"image decode advanced to {new_n_past.value}, expected {pos + entry.n_pos}")
+        start = pos
+        arrays = iter(embd)
+        for part in entry.chunk.parts:
+            if not isinstance(part, ImageChunk):
+                self._decode_text(part, pos)
+                pos += len(part)
+                continue
+            new_n_past = L.llama_pos(0)
+            ptr = next(arrays).ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            rc = M.mtmd_helper_decode_image_chunk(self._mctx, self._ctx, part.ptr, ptr, pos, 0, self.n_batch,
+                                                  ctypes.byref(new_n_past), M.mtmd_helper_post_decode_callback(), None)
+            if rc != 0:
+                self._fail_decode(rc)
+            if new_n_past.value != pos + part.n_pos:
+                raise EngineError(f"image decode advanced to {new_n_past.value}, expected {pos + part.n_pos}")
+            pos += part.n_pos
+        if pos != start + entry.n_pos:
+            raise EngineError(f"image block took {pos - start} positions, expected {entry.n_pos}")
 
     def _fail_decode(self, rc: int) -> None:
         self.reset()

@@ -33,3 +33,7 @@ class EngineError(EcsoError):
     """llama.cpp reported a failure while decoding; the engine state was reset."""
 
     exit_code = 4
+
+
+class Cancelled(EcsoError):
+    """The caller cancelled the request (its `should_cancel` returned True); the engine is free again."""

@@ -129,10 +129,14 @@ def file_fingerprint(path: str | os.PathLike) -> str:
 
 @dataclass
 class CachedEmbedding:
-    """An encoded image: the mtmd chunk (kept for decoding), its embeddings and positions."""
+    """An encoded image: what mtmd made of it (kept for decoding), its embeddings and the KV room it takes.
 
-    chunk: Any  # engine-owned wrapper of a copied mtmd_input_chunk_p
-    embd: Any  # numpy float32 [n_tokens, n_embd]
+    One image is a block of parts: the family's own text tokens around it (Qwen2-VL's `<|vision_start|>`, Gemma 3's
+    `<start_of_image>`, SmolVLM's tile markers) and one or more image chunks (SmolVLM: one per tile). `n_pos` is the
+    positions the block advances (M-RoPE images take fewer positions than tokens), `n_tokens` its KV cells."""
+
+    chunk: Any  # engine-owned block: text token tuples and copied mtmd_input_chunk_p wrappers, in order
+    embd: Any  # list of numpy float32 arrays, one per image chunk (None until encoded)
     n_tokens: int
     n_pos: int
 

@@ -7,6 +7,7 @@ versions are never mixed silently. Source of the verbatim strings: ../shared/ref
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -161,6 +162,10 @@ class Llava15Format(ChatFormat):
         return out + "ASSISTANT:"
 
 
+# what a template may write for an image: tags like <image>, <|image_pad|>, [IMG], and whitespace
+_IMAGE_SLOT = re.compile(r"(?:\s|<[^<>\s]{1,48}>|\[[A-Z_]{1,24}\])*")
+
+
 class JinjaFormat(ChatFormat):
     """The GGUF's own `tokenizer.chat_template`, rendered in a sandbox."""
 
@@ -185,11 +190,51 @@ class JinjaFormat(ChatFormat):
         self.tokenizer_adds_bos = tokenizer_adds_bos
 
     def render(self, messages: Sequence[Message]) -> str:
+        return self._render([{"role": m.role, "content": m.content} for m in messages])
+
+    def prompt(self, messages: Sequence[Message], image: bool) -> RenderedPrompt:
+        """With an image, puts it where the family's own template does (see `_template_image_slot`); templates
+        that ignore typed content (text-only LLMs, LLaVA-1.5's vicuna) get it first in the turn, LLaVA style."""
+        if image:
+            placed = self._template_image_slot(messages)
+            if placed is not None:
+                return placed
+        return super().prompt(messages, image)
+
+    def _template_image_slot(self, messages: Sequence[Message]) -> RenderedPrompt | None:
+        """Renders the first user turn as HF processors do, typed content `[image, text]`, and again as `[text]`:
+        the difference is the template's image placeholder (Qwen2-VL `<|vision_start|><|image_pad|><|vision_end|>`,
+        Gemma 3 `<start_of_image>`, SmolVLM `<image>`), which the media marker replaces (mtmd then writes the
+        family's own image tokens). None unless that difference is made only of tag-like tokens and whitespace."""
+        msgs = [{"role": m.role, "content": m.content} for m in messages]
+        idx = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
+        if idx is None:
+            return None
+        text = msgs[idx]["content"]
+        with_image = [dict(m) for m in msgs]
+        with_image[idx]["content"] = [{"type": "image"}, {"type": "text", "text": text}]
+        text_only = [dict(m) for m in msgs]
+        text_only[idx]["content"] = [{"type": "text", "text": text}]
+        try:
+            a, b = self._render(with_image), self._render(text_only)
+        except Exception:  # a template that cannot take typed content
+            return None
+        p = 0
+        while p < min(len(a), len(b)) and a[p] == b[p]:
+            p += 1
+        q = 0
+        while q < min(len(a), len(b)) - p and a[len(a) - 1 - q] == b[len(b) - 1 - q]:
+            q += 1
+        slot = a[p:len(a) - q]
+        if not _IMAGE_SLOT.fullmatch(slot) or not slot.strip() or text not in a[len(a) - q:] + a[:p]:
+            return None
+        return RenderedPrompt(a[:p], a[len(a) - q:], True)
+
+    def _render(self, messages: list[dict]) -> str:
         import jinja2
 
         try:
-            text = self._template.render(messages=[{"role": m.role, "content": m.content} for m in messages],
-                                         add_generation_prompt=True, bos_token=self.bos_token,
+            text = self._template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
                                          eos_token=self.eos_token)
         except ChatTemplateError:
             raise

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from ecso.eval.reliability import ServerProcess, bad_models, cli_cases, api_cases, server_cases
+from support.reliability import ServerProcess, bad_models, cli_cases, api_cases, server_cases
 
 MAX_IMAGE, MAX_BODY = 1 << 20, 2 << 20
 

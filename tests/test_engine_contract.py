@@ -32,7 +32,7 @@ def _calls(engine, image, sampler) -> dict:
         "logits": engine.logits, "append_tokens": lambda: engine.append_tokens([1]),
         "sampler": lambda: engine.sampler(Sampling()), "generate": lambda: engine.generate(Sampling(max_tokens=2)),
         "sample_next": lambda: engine.sample_next(sampler), "chat": lambda: engine.chat([Message("user", "hi")]),
-        "describe": engine.describe,
+        "describe": engine.describe, "cancellable": lambda: engine.cancellable(None),
     }
 
 

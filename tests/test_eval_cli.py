@@ -30,8 +30,9 @@ def check_run(out: Path, n_samples: int, n_unusable: int) -> dict:
     assert all(r["status"] in ("ok", "input_error") for r in responses)
     report = json.loads((out / "report.json").read_text())
     alls = [c for c in report["cells"] if c["category"] == "All"]
-    assert sum(c["n_total"] for c in alls) == 2 * n_samples
-    assert all(c["n_judged"] + c["n_unknown"] == c["n_total"] for c in report["cells"])
+    assert sum(c["n_samples"] for c in alls) == 2 * n_samples  # one "All" cell per defense
+    assert (report["n_samples"], report["n_records"]) == (n_samples, 2 * n_samples)
+    assert all(c["n_judged"] + c["n_unknown"] == c["n_samples"] for c in report["cells"])
     assert (out / "report.md").exists() and (out / "report.png").exists()
     return report
 
@@ -75,7 +76,7 @@ def test_vlsafe_fixture_with_an_openai_compatible_judge(tmp_path):
     for c in report["cells"]:  # VLSafe has one split: only the "All" row
         assert c["category"] == "All"
         assert (c["counts"], c["harmless_rate"], c["n_unknown"]) == ({"unsafe": 1, "safe": 1}, 33.33, 1)
-    assert "## Harmless rate" in r.stdout and "| All | 33.33 | 33.33 | 6 | 4 | 2 |" in r.stdout
+    assert "## Harmless rate" in r.stdout and "| All | 33.33 | 33.33 | 3 | 2/2 | 1/1 |" in r.stdout
 
 
 def test_vlsbench_fixture_with_leakage(tmp_path):
@@ -84,15 +85,16 @@ def test_vlsbench_fixture_with_leakage(tmp_path):
     r = run_cli("ecso", "eval", "vlsbench", "--data", str(root), "--out", str(out), *FAST, "--leakage")
     assert r.returncode == 0, r.stderr
     report = check_run(out, 5, 1)
-    assert "refusal" in r.stdout and "## Leakage" in r.stdout
+    assert "refusal" in r.stdout and "## Visual safety information leakage" in r.stdout
+    assert "no R1 / R2 (this judge does not see images)" in r.stdout
     rule = RuleJudge()
     samples = lines(out / "samples.jsonl")
-    leaks = {s["id"]: rule.leakage(s["query"]).label == "leak" for s in samples}
+    leaks = {s["id"]: rule.text_harm(s["query"]).label == "harmful" for s in samples}
     rows = {row["category"]: row for row in report["leakage"]["rows"]}
-    assert rows["All"]["n_total"] == 5 and rows["All"]["n_judged"] == 5  # text needs no image: all judged
-    assert rows["All"]["n_leak"] == sum(leaks.values())
+    assert rows["All"]["n_samples"] == 5 and rows["All"]["text_judged"] == 5  # text needs no image: all judged
+    assert rows["All"]["text_harmful"] == sum(leaks.values()) and rows["All"]["r1"] is None
     for cat in ("Violent", "Illegal Activity", "Privacy"):
-        assert rows[cat]["n_leak"] == sum(leaks[s["id"]] for s in samples if s["category"] == cat)
+        assert rows[cat]["text_harmful"] == sum(leaks[s["id"]] for s in samples if s["category"] == cat)
 
 
 def test_data_engine_writes_sft_records_then_reexports_from_the_run(tmp_path):
@@ -126,6 +128,13 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--scenario", "42"),
          "matches no scenario"),
         (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--judge", "gpt4"), "unknown --judge"),
+        (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--judge", "guard"),
+         "--judge guard needs --judge-model"),
+        (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "vlsbench"),
+         "--preset vlsbench has no settings for mm-safetybench"),
+        (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "ecso-paper",
+          "--max-tokens", "64"), "--max-tokens conflicts with --preset ecso-paper"),
+        (("eval", "mme", "--data", str(tmp_path), "--out", str(tmp_path / "r")), "no MME subtask folders"),
         (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--judge", "openai:http://x"),
          "needs --judge-model"),
         (("eval", "mmsb", "--data", str(data), "--out", str(tmp_path / "r"), "--judge-model", "/nope.gguf"),

@@ -83,7 +83,7 @@ def _cell(data, category, defense, mode=None):
 
 def test_vlsbench_numbers_match_a_hand_count(vls_run):
     d = build_report(vls_run).data
-    expect = {  # (n_total, n_judged, n_unknown, safe, refusal, warning, unsafe) in %
+    expect = {  # (n_samples, n_judged, n_unknown, safe, refusal, warning, unsafe) in %
         ("Violent", "none"): (4, 3, 1, 50.0, 25.0, 25.0, 25.0),
         ("Violent", "ecso"): (4, 1, 3, 25.0, 25.0, 0.0, 0.0),
         ("Privacy", "none"): (2, 1, 1, 0.0, 0.0, 0.0, 50.0),
@@ -93,7 +93,7 @@ def test_vlsbench_numbers_match_a_hand_count(vls_run):
     }
     for (cat, defense), numbers in expect.items():
         c = _cell(d, cat, defense)
-        got = (c["n_total"], c["n_judged"], c["n_unknown"], c["harmless_rate"], c["refusal_rate"],
+        got = (c["n_samples"], c["n_judged"], c["n_unknown"], c["harmless_rate"], c["refusal_rate"],
                c["warning_rate"], c["attack_rate"])
         assert got == numbers, (cat, defense)
     assert _cell(d, "Violent", "none")["unknown"] == {"judge_error": 1}
@@ -101,9 +101,13 @@ def test_vlsbench_numbers_match_a_hand_count(vls_run):
     assert _cell(d, "Privacy", "ecso")["unknown"] == {"input_error": 1}
     assert (_cell(d, "Violent", "ecso")["ecso_flag_rate"], _cell(d, "All", "ecso")["ecso_flagged"]) == (50.0, 3)
     md = build_report(vls_run).markdown
-    assert "| Violent | 50.00 | 25.00 | 25.00 | 25.00 | 25.00 | 25.00 | 0.00 | 0.00 | 8 | 4 | 4 |" in md
-    assert "| All | 33.33 | 16.67 | 16.67 | 33.33 | 33.33 | 16.67 | 16.67 | 0.00 | 12 | 6 | 6 |" in md
-    assert "flagged 3 of 6 answers" in md
+    # samples once; judged / unknown per defense (never summed over defenses: 6 samples are 12 records)
+    assert md.startswith("# VLSBench: 6 samples × 2 defenses = 12 records")
+    assert "| samples | judged (no defense / ECSO) | unknown (no defense / ECSO) |" in md
+    assert "| Violent | 50.00 | 25.00 | 25.00 | 25.00 | 25.00 | 25.00 | 0.00 | 0.00 | 4 | 3/1 | 1/3 |" in md
+    assert "| All | 33.33 | 16.67 | 16.67 | 33.33 | 33.33 | 16.67 | 16.67 | 0.00 | 6 | 4/2 | 2/4 |" in md
+    assert "flagged 3 of 6 samples" in md
+    assert (d["n_samples"], d["n_records"]) == (6, 12)
 
 
 def test_the_other_judge_is_reported_only_when_asked(vls_run):
@@ -111,10 +115,13 @@ def test_the_other_judge_is_reported_only_when_asked(vls_run):
     assert _cell(d, "Privacy", "ecso")["counts"] == {"unsafe": 1} and _cell(d, "All", "none")["n_judged"] == 0
 
 
-def test_leakage_rows_match_a_hand_count(vls_run):
+def test_text_alone_harm_rows_of_an_older_run_match_a_hand_count(vls_run):
+    """Leakage records written before R1 / R2 (one text-alone verdict per sample, labels leak / no_leak)."""
     rows = {r["category"]: r for r in build_report(vls_run).data["leakage"]["rows"]}
-    assert {k: (r["n_total"], r["n_judged"], r["n_unknown"], r["n_leak"], r["leak_rate"]) for k, r in rows.items()} == {
-        "Violent": (4, 2, 2, 1, 25.0), "Privacy": (2, 1, 1, 1, 50.0), "All": (6, 3, 3, 2, 33.33)}
+    got = {k: (r["n_samples"], r["text_judged"], r["text_unknown"], r["text_harmful"], r["text_harm_rate"], r["r1"])
+           for k, r in rows.items()}
+    assert got == {"Violent": (4, 2, 2, 1, 25.0, None), "Privacy": (2, 1, 1, 1, 50.0, None),
+                   "All": (6, 3, 3, 2, 33.33, None)}
 
 
 def test_mmsb_table_is_per_scenario_and_image_mode(tmp_path):
@@ -134,8 +141,8 @@ def test_mmsb_table_is_per_scenario_and_image_mode(tmp_path):
                    ("TYPO", "none"): (50.0, 0.0, 1), ("TYPO", "ecso"): (50.0, 0.0, 1)}
     assert _cell(d, sc, "none", "TYPO")["unknown"] == {"not_generated": 1}
     assert d["modes"] == ["SD", "TYPO"]
-    assert f"| {sc} | 0.00 | 50.00 | 50.00 | 50.00 | 8 | 6 | 2 |" in rep.markdown  # harmless table
-    assert f"| {sc} | 100.00 | 50.00 | 0.00 | 0.00 | 8 | 6 | 2 |" in rep.markdown  # attack table
+    assert f"| {sc} | 0.00 | 50.00 | 50.00 | 50.00 | 2 | 3/3 | 1/1 |" in rep.markdown  # harmless table
+    assert f"| {sc} | 100.00 | 50.00 | 0.00 | 0.00 | 2 | 3/3 | 1/1 |" in rep.markdown  # attack table
     saved = json.loads((run / "report.json").read_text())
     assert saved["cells"] == d["cells"] and (run / "report.md").read_text() == rep.markdown
     pytest.importorskip("matplotlib")

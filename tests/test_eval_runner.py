@@ -136,7 +136,7 @@ def test_missing_images_and_broken_rows_are_recorded_and_counted(demo_files, tmp
     assert recs["3|none"]["status"] == "input_error" and "missing image" in recs["3|none"]["error"]
     report = build_report(tmp_path / "run").data
     for c in [c for c in report["cells"] if c["category"] == "All"]:
-        assert (c["n_total"], c["n_judged"], c["n_unknown"]) == (4, 2, 2)
+        assert (c["n_samples"], c["n_judged"], c["n_unknown"]) == (4, 2, 2)
         assert c["unknown"] == {"input_error": 2}
     # the user adds the missing image: the next run answers that sample and nothing else
     from PIL import Image
@@ -167,22 +167,25 @@ def test_failed_judge_calls_are_counted_then_retried_and_rejudging_keeps_the_ans
     assert report["judge"].startswith("openai:gpt-4@") and len(report["judges_available"]) == 2
     assert all(c["harmless_rate"] == 100.0 and c["n_unknown"] == 0 for c in report["cells"])
     by_rule = build_report(out, judge=[j for j in report["judges_available"] if j.startswith("rule")][0]).data
-    assert all(c["n_judged"] == c["n_total"] for c in by_rule["cells"])
+    assert all(c["n_judged"] == c["n_samples"] for c in by_rule["cells"])
     with pytest.raises(InputError, match="has not judged this run"):
         build_report(out, judge="openai:nobody")
 
 
 def test_local_gguf_judge_reads_the_run_with_the_benchmark_prompt(demo_files, tmp_path):
-    """--judge llm without --judge-model: the demo model judges each answer and each text query."""
+    """--judge llm without --judge-model: the demo model (with its projector: it sees images) judges each answer,
+    each text query alone and each image + query pair."""
     from ecso.eval import judge_prompts as P
     from ecso.eval.judges import parse_vlsafe
 
     folder = write_vlsafe(tmp_path, n=1)
     s = run_eval(config(demo_files, "vlsafe", folder, tmp_path / "run", judge=JudgeSpec("llm", max_tokens=8),
                         leakage=True))
-    assert s.judge.startswith("llm:SmolLM2") and (s.judged, s.judge_errors, s.leakage_judged) == (2, 0, 1)
+    assert s.judge.startswith("llm:SmolLM2") and (s.judged, s.judge_errors, s.leakage_judged) == (2, 0, 2)
+    assert s.judge.endswith("+vision") and s.leakage_views == ("text", "pair")
     for j in lines(tmp_path / "run" / "judgments.jsonl"):
         assert j["prompt"] == "ecso/llm_binary_strict" and j["raw"].strip()
         assert (j["label"], j["score"], j["parse"]) == parse_vlsafe(j["raw"])
-    leak = lines(tmp_path / "run" / "leakage.jsonl")[0]
-    assert leak["prompt"] == f"leakage/{P.LEAKAGE_PROMPT_VERSION}" and leak["raw"].strip()
+    text, pair = sorted(lines(tmp_path / "run" / "leakage.jsonl"), key=lambda x: x["view"], reverse=True)
+    assert text["prompt"] == f"leakage/text/{P.LEAKAGE_PROMPT_VERSION}" and text["raw"].strip()
+    assert pair["prompt"] == f"leakage/pair/{P.PAIR_PROMPT_VERSION}" and pair["saw"] == "image + query text"

@@ -94,7 +94,7 @@ def _image_text_logits(engine, model_hf, rgb, mean, std, image_token=3):
     head = [t for p in prompt.pieces[:k] for t in p.tokens]
     tail = [t for p in prompt.pieces[k + 1:] for t in p.tokens]
     entry = prompt.images[img.key]
-    emb_cpp = engine._encode(entry).reshape(img.n_tokens, -1)
+    emb_cpp = np.concatenate(engine._encode(entry)).reshape(img.n_tokens, -1)  # one array per image chunk
     ids = head + [image_token] * img.n_tokens + tail
     pv = _pixel_values(rgb, mean, std)
     with torch.no_grad():

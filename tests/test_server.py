@@ -3,6 +3,7 @@ running ECSO on the real demo model (one engine on one thread, shared by the mod
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.server
 import threading
@@ -11,10 +12,12 @@ import time
 import openai
 import pytest
 
-from ecso.eval.reliability import good_png, request
 from ecso.runtime import EcsoOptions, InputError
-from ecso.runtime.openai_api import ApiError, MediaPolicy, fetch_image
-from ecso.runtime.server import LIVE_UNSAFE_NOTICE, EcsoServer, RequestQueue, ServerConfig, QueueFull, QueueTimeout
+from ecso.server import LIVE_UNSAFE_NOTICE, EcsoServer, MediaPolicy, ServerConfig
+from ecso.server.app import QueueFull, QueueTimeout, RequestQueue
+from ecso.server.media import fetch_image
+from ecso.server.schemas import ApiError
+from support.reliability import good_png, request
 
 ALWAYS_UNSAFE = {"judge": "logit", "logit_threshold": 0.0}  # P(yes) >= 0 always: forces steps 3-4
 
@@ -180,32 +183,34 @@ def test_connections_beyond_the_limit_get_503_and_free_slots_are_reused(engine):
 
 
 def test_request_queue_is_first_in_first_out_and_bounded():
-    q = RequestQueue(max_waiting=3, timeout=10)
-    q.enter()
-    order: list[int] = []
+    async def scenario() -> list[int]:
+        q = RequestQueue(max_waiting=3, timeout=10)
+        await q.enter()
+        order: list[int] = []
 
-    def waiter(i: int) -> None:
-        q.enter()
-        order.append(i)
+        async def waiter(i: int) -> None:
+            await q.enter()
+            order.append(i)
+            q.leave()
+
+        tasks = []
+        for i in range(3):
+            tasks.append(asyncio.ensure_future(waiter(i)))
+            while q.waiting <= i:
+                await asyncio.sleep(0.001)
+        with pytest.raises(QueueFull):
+            await q.enter()
         q.leave()
+        await asyncio.gather(*tasks)
+        assert q.running == 0 and q.waiting == 0
+        q2 = RequestQueue(max_waiting=1, timeout=0.05)
+        await q2.enter()
+        with pytest.raises(QueueTimeout):
+            await q2.enter()
+        assert q2.waiting == 0
+        return order
 
-    threads = []
-    for i in range(3):
-        threads.append(threading.Thread(target=waiter, args=(i,)))
-        threads[-1].start()
-        while q.waiting <= i:
-            time.sleep(0.001)
-    with pytest.raises(QueueFull):
-        q.enter()
-    q.leave()
-    for t in threads:
-        t.join()
-    assert order == [0, 1, 2] and q.running == 0 and q.waiting == 0
-    q2 = RequestQueue(max_waiting=1, timeout=0.05)
-    q2.enter()
-    with pytest.raises(QueueTimeout):
-        q2.enter()
-    assert q2.waiting == 0
+    assert asyncio.run(scenario()) == [0, 1, 2]
 
 
 def test_public_bind_needs_an_api_key(engine):
@@ -267,3 +272,26 @@ def test_remote_images_only_from_allowed_domains_and_without_redirects():
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_serve_without_the_server_extra_says_what_to_install():
+    from conftest import run_python
+
+    r = run_python("import sys; sys.modules['sse_starlette'] = None  # as if the server extra were not installed\n"
+                   "sys.argv = ['ecso', 'serve', '--port', '0']\n"
+                   "from ecso.cli.main import main; main()")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0] == "ecso: error: ecso serve needs the server extra (sse_starlette not installed): " \
+                       "pip install 'ecso[server]'"
+
+
+def test_validation_errors_name_the_field_in_openai_style(server):
+    bad = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 3}}]}]}
+    r = request(server.port, "POST", "/v1/chat/completions", bad)
+    err = r.json()["error"]
+    assert r.status == 400 and err["type"] == "invalid_request_error"
+    assert err["param"] == "messages[0].content[0].image_url.url" and err["message"].startswith(err["param"] + ":")
+    r = request(server.port, "POST", "/v1/chat/completions",
+                {"messages": [{"role": "robot", "content": "hi"}]})
+    assert r.status == 400 and r.json()["error"]["param"] == "messages[0].role"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from ecso.eval.reliability import ServerProcess, load, request, soak
+from support.reliability import ServerProcess, load, request, soak
 
 
 @pytest.fixture(scope="module")

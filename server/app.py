@@ -1,0 +1,510 @@
+"""The ASGI app (Starlette + sse-starlette + pydantic): `POST /v1/chat/completions`, `GET /v1/models`,
+`GET /health`, and the page at `/`.
+
+One engine serves one request at a time. Requests wait in a bounded FIFO queue in front of it: when it is full they
+get 429 at once, and one that waited longer than the queue timeout gets 503. Each admitted request runs in a worker
+thread holding the engine; it is cancelled (the runtime's `should_cancel` hook, checked per decode batch and token)
+as soon as its client goes away, whether it is queued, in prefill, judging, captioning or streaming.
+
+Streaming keeps ECSO's promise: in `held` mode the first answer is held back until the judge clears it, so an answer
+judged unsafe never reaches the client; `live` streams it at once and, if it is judged unsafe, says so and streams
+the new answer after it. `stream_options.ecso_events` adds named `ecso` SSE events with each step as it runs.
+
+Security: the Host header must name this machine (DNS rebinding), bodies must be `application/json` (a browser page
+elsewhere cannot send one without a CORS preflight, which is never granted), body/image limits, a deadline for the
+body (the HTTP layer in `http.py` adds one for headers), images only from `data:` URIs unless allow-listed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import AsyncIterator, Optional
+
+import anyio
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from ecso.runtime import EcsoOptions, Engine, Heads, Result, StepEvent, run
+from ecso.runtime.errors import Cancelled
+from ecso.server.chat import (ChatRequest, ReplyIds, api_error_from, ecso_summary, finish_reason, parse_chat_request,
+                              step_timing, usage)
+from ecso.server.media import MediaPolicy
+from ecso.server.schemas import ApiError, Delta, ModelCard, ModelList
+
+LIVE_UNSAFE_NOTICE = "\n\n[ecso: the answer above was judged unsafe; answering again without the image]\n\n"
+STREAM_MODES = ("held", "live")
+log = logging.getLogger("ecso.server")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0: any free port (see EcsoServer.port)
+    model_name: str = "ecso"  # the id clients see in /v1/models and in replies
+    api_key: Optional[str] = None  # when set, every /v1 request needs `Authorization: Bearer <key>`
+    max_body_bytes: int = 32 * 1024 * 1024  # a 20 MB image is ~27 MB as base64
+    max_waiting: int = 8  # requests that may wait while one runs; more are refused with 429
+    queue_timeout: float = 300.0  # seconds a request may wait for the engine before a 503
+    read_timeout: float = 30.0  # seconds to receive the headers, and again the body (slow clients are cut off)
+    stream_mode: str = "held"
+    allowed_hosts: tuple[str, ...] = ()  # extra Host header names (e.g. a LAN name when bound to 0.0.0.0)
+    max_connections: int = 64  # open connections; more get an immediate 503
+    max_decoding: int = 2  # requests decoding an image at once (bounds the memory of many large images)
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+    log: bool = True  # one line per request on stderr
+
+
+@dataclass
+class ServerStats:
+    answered: int = 0
+    refused: int = 0  # 429 / 503: queue full or waited too long
+    bad_requests: int = 0  # 4xx other than refusals
+    cancelled: int = 0  # the client went away
+    failed: int = 0  # 5xx
+
+
+class QueueFull(Exception):
+    pass
+
+
+class QueueTimeout(Exception):
+    pass
+
+
+class RequestQueue:
+    """FIFO admission in front of the engine: one request runs, up to `max_waiting` wait, the rest are refused.
+    Lives on the event loop (asyncio.Lock wakes waiters in arrival order)."""
+
+    def __init__(self, max_waiting: int, timeout: float):
+        self.max_waiting, self.timeout = max_waiting, timeout
+        self._turn = asyncio.Lock()
+        self.admitted = 0  # running + waiting
+        self.running = 0
+
+    @property
+    def waiting(self) -> int:
+        return self.admitted - self.running
+
+    async def enter(self) -> None:
+        """Returns when it is this request's turn; raises QueueFull or QueueTimeout."""
+        if self.admitted > self.max_waiting:
+            raise QueueFull()
+        self.admitted += 1
+        try:
+            await asyncio.wait_for(self._turn.acquire(), self.timeout)
+        except asyncio.TimeoutError:
+            self.admitted -= 1
+            raise QueueTimeout() from None
+        except BaseException:
+            self.admitted -= 1
+            raise
+        self.running = 1
+
+    def leave(self) -> None:
+        self.running = 0
+        self.admitted -= 1
+        self._turn.release()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _End:
+    """The last item of a job's event queue: the runtime finished, failed (error) or was cancelled."""
+
+    def __init__(self, error: Optional[BaseException]):
+        self.error = error
+
+
+class Job:
+    """One ECSO request on the engine, in a worker thread. Its StepEvents cross to the event loop through an
+    asyncio queue; `cancel()` stops it at the next decode batch or token. The queue slot is released only when the
+    worker has really let go of the engine."""
+
+    def __init__(self, state: "ServerState", req: ChatRequest):
+        self.state, self.req = state, req
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self._cancel = threading.Event()
+        self.finished = asyncio.Event()
+
+    def start(self) -> None:
+        self.state.jobs.add(self)
+        threading.Thread(target=self._work, name="ecso-request", daemon=True).start()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def _work(self) -> None:
+        error: Optional[BaseException] = None
+        try:
+            r, s = self.req, self.state
+            run(s.engine, r.image, r.query, r.options, self._emit, s.heads, r.history,
+                should_cancel=self._cancel.is_set)
+        except Cancelled:
+            pass
+        except BaseException as e:  # handed to the request's coroutine
+            error = e
+        try:
+            self.loop.call_soon_threadsafe(self._done, error)
+        except RuntimeError:  # the loop is gone (server shut down)
+            pass
+
+    def _emit(self, ev: StepEvent) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+
+    def _done(self, error: Optional[BaseException]) -> None:
+        self.state.jobs.discard(self)
+        self.state.queue.leave()
+        self.finished.set()
+        self.events.put_nowait(_End(error))
+
+    async def next(self, gone: asyncio.Future) -> Optional[StepEvent | _End]:
+        """The next event, or None when the client went away first (the job is then cancelled)."""
+        get = asyncio.ensure_future(self.events.get())
+        await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if get.done():
+            return get.result()
+        get.cancel()
+        self.cancel()
+        return None
+
+
+async def _watch_disconnect(request: Request) -> None:
+    """Returns when the client has gone (after the body was read, the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    options: EcsoOptions
+    config: ServerConfig
+    heads: Heads
+    queue: RequestQueue
+    stats: ServerStats = field(default_factory=ServerStats)
+    created: int = field(default_factory=lambda: int(time.time()))
+    decoding: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    jobs: set = field(default_factory=set)  # running Jobs (at most one), cancelled when the server stops
+
+    @property
+    def fingerprint(self) -> str:
+        return f"ecso-{self.engine.model_fingerprint}"
+
+    def count(self, what: str) -> None:
+        setattr(self.stats, what, getattr(self.stats, what) + 1)
+
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.config.model_name,
+                "queue": {"running": self.queue.running, "waiting": self.queue.waiting,
+                          "max_waiting": self.queue.max_waiting},
+                "counts": dict(vars(self.stats)), "image_cache_entries": len(self.engine.image_cache)}
+
+
+# ------------------------------------------------------------------------------------------------------ the app
+def create_app(state: ServerState) -> Starlette:
+    async def health(request: Request) -> Response:
+        return _guarded(request, state, lambda: JSONResponse(state.health()), needs_key=False)
+
+    async def models(request: Request) -> Response:
+        cards = ModelList(data=[ModelCard(id=state.config.model_name, created=state.created)])
+        return _guarded(request, state, lambda: JSONResponse(cards.model_dump()))
+
+    async def page(request: Request) -> Response:
+        return _guarded(request, state, lambda: HTMLResponse(PAGE, headers=PAGE_HEADERS), needs_key=False)
+
+    async def chat(request: Request) -> Response:
+        try:
+            _check(request, state)
+            return await _chat(request, state)
+        except BaseException as e:  # noqa: BLE001 - every failure becomes a JSON reply; the server keeps going
+            return _error_response(state, e)
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        known = "/, /health, /v1/models, /v1/chat/completions"
+        if exc.status_code == 405:
+            err = ApiError(405, f"{request.method} is not allowed on {request.url.path}", "method_not_allowed")
+        else:
+            err = ApiError(exc.status_code, f"no route {request.url.path}; this server has {known}", "not_found")
+        return _error_response(state, err)
+
+    routes = [Route("/", page), Route("/health", health), Route("/v1/models", models),
+              Route("/v1/chat/completions", chat, methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+PAGE = resources.files("ecso.server").joinpath("static/index.html").read_text(encoding="utf-8")
+# the page needs nothing from elsewhere: no external script, style, font or connection can load
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                           "img-src data: blob:; connect-src 'self'; base-uri 'none'; "
+                                           "form-action 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
+def _guarded(request: Request, state: ServerState, respond, needs_key: bool = True) -> Response:
+    try:
+        _check(request, state, needs_key)
+        return respond()
+    except ApiError as e:
+        return _error_response(state, e)
+
+
+def _check(request: Request, state: ServerState, needs_key: bool = True) -> None:
+    """DNS-rebinding protection (Host must name this machine) and the API key."""
+    cfg = state.config
+    host = (request.headers.get("host") or "").strip()
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if is_loopback(cfg.host) or cfg.allowed_hosts:
+        if not (is_loopback(name) or name in cfg.allowed_hosts or name == cfg.host):
+            raise ApiError(403, f"Host {host!r} is not allowed (DNS rebinding protection); start the server with "
+                           "--allow-host NAME to accept it", "host_not_allowed")
+    if needs_key and cfg.api_key:
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)", "invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _error_response(state: ServerState, e: BaseException) -> Response:
+    if isinstance(e, _ClientGone):
+        state.count("cancelled")
+        return Response(status_code=204)  # nobody is listening
+    if not isinstance(e, Exception):
+        raise e  # CancelledError and friends: the server is shutting down
+    err = api_error_from(e)
+    if err.status >= 500 and not isinstance(e, ApiError):
+        log.error("unexpected error: %s", "".join(traceback.format_exception(e)))
+    state.count("refused" if err.status in (429, 503) else "bad_requests" if err.status < 500 else "failed")
+    headers = dict(err.headers)
+    if err.status in (408, 411, 413, 415):
+        headers["Connection"] = "close"  # the rest of the body (if any) is not read
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+async def _read_body(request: Request, cfg: ServerConfig) -> bytes:
+    """The JSON body under the size limit and the read deadline (a trickling client is cut off)."""
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, not {ctype or 'missing'}",
+                       "unsupported_media_type")
+    limit = cfg.max_body_bytes
+    declared = request.headers.get("content-length")
+    too_large = declared is not None and declared.isdigit() and int(declared) > limit
+    chunks, size = [], 0
+    try:
+        with anyio.fail_after(cfg.read_timeout):
+            async for part in request.stream():
+                size += len(part)
+                if size > 4 * limit:
+                    break  # read enough of a refused body that the client sees the 413 rather than a reset
+                if not too_large and size <= limit:
+                    chunks.append(part)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {cfg.read_timeout:g} s", "request_timeout")
+    except ClientDisconnect:
+        raise _ClientGone() from None
+    if too_large or size > limit:
+        raise ApiError(413, f"the request body is {max(size, int(declared or 0)) / 1e6:.1f} MB, over the limit of "
+                       f"{limit / 1e6:.1f} MB", "request_too_large")
+    return b"".join(chunks)
+
+
+async def _chat(request: Request, state: ServerState) -> Response:
+    raw = await _read_body(request, state.config)
+    eng = state.engine
+    async with state.decoding:  # image fetch + decode off the event loop, a bounded number at once
+        req = await anyio.to_thread.run_sync(parse_chat_request, raw, state.options, state.config.media,
+                                             eng.config.image_limits, eng.config.max_query_chars)
+    gone = asyncio.ensure_future(_watch_disconnect(request))
+    streaming = False
+    try:
+        t0 = time.perf_counter()
+        await _enter_queue(state, gone)
+        job = Job(state, req)
+        job.start()
+        ids = ReplyIds("chatcmpl-" + uuid.uuid4().hex[:24], state.config.model_name, state.fingerprint)
+        exchange = _Exchange(state, job, ids, time.perf_counter() - t0)
+        if req.stream:
+            first = await exchange.first_events(gone)  # errors before the first token still get their status
+            streaming = True  # from here the stream owns `gone`
+            return EventSourceResponse(exchange.sse(first, gone), send_timeout=state.config.read_timeout,
+                                       ping=15, headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await exchange.reply(gone))
+    finally:
+        if not streaming:
+            gone.cancel()
+
+
+async def _enter_queue(state: ServerState, gone: asyncio.Future) -> None:
+    enter = asyncio.ensure_future(state.queue.enter())
+    await asyncio.wait({enter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not enter.done():
+        enter.cancel()
+        try:
+            await enter
+            state.queue.leave()  # got the turn just as the client left
+        except (asyncio.CancelledError, QueueFull, QueueTimeout):
+            pass
+        raise _ClientGone()
+    try:
+        enter.result()
+    except QueueFull:
+        raise ApiError(429, f"the server is busy: {state.queue.max_waiting} requests are already waiting; retry "
+                       "shortly", "queue_full", headers={"Retry-After": "1"}) from None
+    except QueueTimeout:
+        raise ApiError(503, f"waited {state.queue.timeout:.0f} s for the model without a turn; retry later",
+                       "queue_timeout", headers={"Retry-After": "5"}) from None
+
+
+class _Exchange:
+    """One admitted chat completion: ECSO StepEvents in, a JSON reply or an SSE stream out."""
+
+    def __init__(self, state: ServerState, job: Job, ids: ReplyIds, queue_seconds: float):
+        self.state, self.job, self.ids, self.queue_seconds = state, job, ids, queue_seconds
+        self.req = job.req
+        self.text = _StreamText(state.config.stream_mode == "live" or not self.req.options.defense)
+
+    async def reply(self, gone: asyncio.Future) -> dict:
+        while True:
+            ev = await self.job.next(gone)
+            if ev is None:
+                raise _ClientGone()
+            if isinstance(ev, _End):
+                raise ev.error or ApiError(500, "the ECSO request ended without a result", "engine_error")
+            if ev.kind == "result":
+                self.state.count("answered")
+                return self.ids.completion(ev.result, self._summary(ev.result)).model_dump()
+
+    def _summary(self, result: Result):
+        return ecso_summary(result, self.queue_seconds, self.req.turns_dropped)
+
+    async def first_events(self, gone: asyncio.Future) -> list:
+        """Events up to the first one after step 1's prefill: a request the runtime refuses at once (too long for
+        the context, ...) then still gets a 4xx status instead of an error inside a 200 stream."""
+        out = []
+        while True:
+            ev = await self.job.next(gone)
+            if ev is None:
+                raise _ClientGone()
+            if isinstance(ev, _End) and ev.error is not None:
+                raise ev.error
+            out.append(ev)
+            if isinstance(ev, _End) or ev.kind != "step_start":
+                return out
+
+    async def sse(self, first: list, gone: asyncio.Future) -> AsyncIterator[dict]:
+        """The SSE stream. If the client leaves (sse-starlette cancels this generator, or `gone` fires while a step
+        runs silently), the job is cancelled at its next decode batch."""
+        ended = False  # the stream ran to its end (else the client left: sse-starlette cancelled us, or `gone`)
+        try:
+            yield self._data(self.ids.chunk(Delta(role="assistant", content="")).dump())
+            pending = list(first)
+            while True:
+                ev = pending.pop(0) if pending else await self.job.next(gone)
+                if ev is None:
+                    return
+                if isinstance(ev, _End):
+                    ended = True
+                    if ev.error is not None:  # headers are out: the error goes in the stream (openai raises it)
+                        err = api_error_from(ev.error)
+                        self.state.count("failed" if err.status >= 500 else "bad_requests")
+                        yield self._data(err.body())
+                    return
+                if self.req.ecso_events and ev.kind != "token":
+                    yield {"event": "ecso", "data": json.dumps(self._step_event(ev), ensure_ascii=False)}
+                for delta in self.text.feed(ev):
+                    yield self._data(self.ids.chunk(Delta(content=delta)).dump())
+                if ev.kind == "result":
+                    r = ev.result
+                    yield self._data(self.ids.chunk(Delta(), finish_reason(r), ecso=self._summary(r)).dump())
+                    if self.req.include_usage:
+                        yield self._data(self.ids.chunk(None, usage=usage(r)).dump())
+                    yield {"data": "[DONE]"}
+                    ended = True
+                    self.state.count("answered")
+                    return
+        finally:
+            if not ended:
+                self.state.count("cancelled")
+                self.job.cancel()
+            gone.cancel()
+
+    @staticmethod
+    def _data(obj: dict) -> dict:
+        return {"data": json.dumps(obj, ensure_ascii=False)}
+
+    def _step_event(self, ev: StepEvent) -> dict:
+        """What the page sees of a step. Never the text of the first answer (it may be the unsafe one)."""
+        out: dict = {"type": ev.kind, "step": ev.step}
+        if ev.kind == "step_end" and ev.trace is not None:
+            out["timing"] = step_timing(ev.trace).model_dump()
+            if ev.step in ("judge", "caption"):
+                out["text"] = ev.text
+        if ev.kind == "result":
+            out.update(unsafe=ev.result.unsafe, judge_reply=ev.result.judge_reply,
+                       judge_score=ev.result.judge_score, retracted=ev.result.retracted,
+                       seconds=round(ev.result.seconds, 4))
+        return out
+
+
+class _StreamText:
+    """Which text reaches a streaming client. Held: the first answer only once the judge cleared it; the
+    regenerated answer as it comes. Live: everything as it comes, with a notice before a regenerated answer."""
+
+    def __init__(self, live: bool):
+        self.live = live
+        self.held: list[str] = []
+        self.started = False  # leading whitespace of the answer is dropped, as in non-streaming replies
+        self.noticed = False
+
+    def feed(self, ev: StepEvent) -> list[str]:
+        if ev.kind == "token" and ev.step == "answer":
+            if self.live:
+                return self._text(ev.text)
+            self.held.append(ev.text)
+            return []
+        if (ev.kind == "step_start" and ev.step in ("caption", "regenerate")) or ev.kind == "retract":
+            self.held.clear()  # judged unsafe: the first answer is never sent
+            if self.live and self.started and not self.noticed:
+                self.noticed, self.started = True, False
+                return [LIVE_UNSAFE_NOTICE]
+            return []
+        if ev.kind == "token" and ev.step == "regenerate":
+            return self._text(ev.text)
+        if ev.kind == "result" and not self.live and not ev.result.unsafe and ev.result.answer:
+            return [ev.result.answer]
+        return []
+
+    def _text(self, delta: str) -> list[str]:
+        if not self.started:
+            delta = delta.lstrip()
+            if not delta:
+                return []
+            self.started = True
+        return [delta]

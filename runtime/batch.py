@@ -34,6 +34,7 @@ from ecso.runtime.engine import Engine, Generation, PrefillStats, Prompt, Sample
 from ecso.runtime.errors import ContextOverflowError, EcsoError, EngineError, InputError
 from ecso.runtime.images import CachedEmbedding, ImageSource
 from ecso.runtime.kv import PrefixCache, TextPiece, suffix_after
+from ecso.runtime.media import ImageChunk
 from ecso.runtime.prompts import Message
 
 if TYPE_CHECKING:
@@ -99,6 +100,11 @@ class BatchScheduler:
         self._cancelled = False
         self._last_step_end = time.perf_counter()
         L = engine._L
+        if L.llama_model_n_swa(engine._model) > 0:  # sliding window: batched tokens may overwrite sequence 0's old
+            with engine.lock:                        # cells (SequenceView), so `run` must not reuse them later
+                engine._check_open()
+                L.llama_memory_seq_rm(engine._mem, 0, -1, -1)
+                engine.kv.clear()
         self._batch = L.llama_batch_init(engine.n_batch, 0, 1)
         self._thread = threading.Thread(target=self._loop, name="ecso-batch", daemon=True)
         self._thread.start()
@@ -209,16 +215,44 @@ class BatchScheduler:
         return finished
 
     def _decode_image(self, job: _Job) -> None:
+        """The image block on the job's sequence, as Engine._decode_image does on sequence 0: the family's marker
+        tokens as text, each image chunk from its embeddings (mtmd sets the positions)."""
         e, L, M = self.engine, self.engine._L, self.engine._M
         entry, embd = job.image
-        new_n_past = L.llama_pos(0)
-        ptr = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        rc = M.mtmd_helper_decode_image_chunk(e._mctx, e._ctx, entry.chunk.ptr, ptr, job.pos0, job.seq, e.n_batch,
-                                              ctypes.byref(new_n_past), M.mtmd_helper_post_decode_callback(), None)
-        if rc != 0:
-            raise EngineError(f"the image decode failed (code {rc})")
-        if new_n_past.value != job.pos0 + entry.n_pos:
-            raise EngineError(f"image decode advanced to {new_n_past.value}, expected {job.pos0 + entry.n_pos}")
+        pos = job.pos0
+        arrays = iter(embd)
+        for part in entry.chunk.parts:
+            if not isinstance(part, ImageChunk):
+                self._decode_text(part, pos, job.seq)
+                pos += len(part)
+                continue
+            new_n_past = L.llama_pos(0)
+            ptr = next(arrays).ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            rc = M.mtmd_helper_decode_image_chunk(e._mctx, e._ctx, part.ptr, ptr, pos, job.seq, e.n_batch,
+                                                  ctypes.byref(new_n_past), M.mtmd_helper_post_decode_callback(),
+                                                  None)
+            if rc != 0:
+                raise EngineError(f"the image decode failed (code {rc})")
+            if new_n_past.value != pos + part.n_pos:
+                raise EngineError(f"image decode advanced to {new_n_past.value}, expected {pos + part.n_pos}")
+            pos += part.n_pos
+        if pos != job.pos0 + entry.n_pos:
+            raise EngineError(f"image block took {pos - job.pos0} positions, expected {entry.n_pos}")
+
+    def _decode_text(self, tokens: Sequence[int], pos0: int, seq: int) -> None:
+        """An image block's marker tokens on one sequence (no logits needed: the block is never a prompt's end)."""
+        L, e, b = self.engine._L, self.engine, self._batch
+        for start in range(0, len(tokens), e.n_batch):
+            part = tokens[start:start + e.n_batch]
+            for i, tok in enumerate(part):
+                b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos0 + start + i, 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = False
+            b.n_tokens = len(part)
+            rc = L.llama_decode(e._ctx, b)
+            if rc != 0:
+                raise (ContextOverflowError("the KV cache is full; use a larger --ctx or fewer --max-tokens")
+                       if rc == 1 else EngineError(f"llama_decode failed with code {rc}"))
 
     def _record(self, jobs: list[_Job], n_tokens: int, image: bool) -> None:
         now = time.perf_counter()
@@ -257,6 +291,10 @@ class SequenceView:
         self._engine, self._sched, self.seq, self._views = engine, scheduler, seq, views
         self.kv = PrefixCache()
         self._logits: Optional[np.ndarray] = None
+        # sliding-window attention (Gemma 3): llama.cpp lets any sequence's new tokens overwrite cells that fell out
+        # of a sequence's window, so with other sequences in flight old cells cannot be kept or copied; such a
+        # sequence evaluates each prompt again (the image embeddings stay cached)
+        self._keeps_cells = engine._L.llama_model_n_swa(engine._model) == 0
 
     def __getattr__(self, name):  # the Engine's read-only parts: tokenize, chat_format, n_ctx, config, ...
         return getattr(self._engine, name)
@@ -313,7 +351,7 @@ class SequenceView:
         e = self._engine
         t0 = time.perf_counter()
         with e.lock:
-            if reuse:
+            if reuse and self._keeps_cells:
                 keep = self.kv.common_prefix(prompt.pieces)
                 if keep >= prompt.n_pos:
                     keep = prompt.n_pos - prompt.pieces[-1].n_pos

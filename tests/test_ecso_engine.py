@@ -54,6 +54,7 @@ def test_decision_rule_is_the_papers_exact_yes():
 
 def test_each_step_evaluates_its_verbatim_prompt(demo_engine, street_png):
     demo_engine.reset()
+    demo_engine.image_cache.clear()  # cold: an earlier test on the shared engine may have encoded this image
     r, text, seen = _recorded_run(demo_engine, street_png, QUERY, EcsoOptions(**ALWAYS_UNSAFE, **SMALL))
     assert r.unsafe and [s.name for s in r.steps] == ["answer", "judge", "caption", "regenerate"]
     assert QUERY in text["answer"]

@@ -18,13 +18,19 @@ from ecso.cli.common import engine_config, friendly_errors, model_options
 @click.option("--image-size", type=int, default=None,
               help="Demo model only: projector image size; 336 gives LLaVA-1.5's 576 image tokens "
                    "(default: the demo's 224 -> 256 tokens).")
+@click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="N > 1: measure eval throughput with N requests decoded together against one at a time, and "
+                   "decode tok/s against llama.cpp's batched ceiling (instead of the cost ratios).")
+@click.option("--requests", "n_requests", type=int, default=8, show_default=True,
+              help="--parallel: requests per side (different queries, two images).")
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
 @click.option("--native/--no-native", default=None,
               help="Also measure libecso (the native engine) against the Python engine and Llama "
                    "(default: when libecso is built; see README 'Native library').")
 @click.option("--native-lib", type=click.Path(dir_okay=False), default=None, help="Path of libecso to measure.")
 @friendly_errors
-def command(image, repeats, max_tokens, image_size, as_json, native, native_lib, **model_kw) -> None:
+def command(image, repeats, max_tokens, image_size, parallel, n_requests, as_json, native, native_lib,
+            **model_kw) -> None:
     """Measure what ECSO costs on this machine, side by side in one run, and print ratios against targets.
 
     \b
@@ -32,8 +38,12 @@ def command(image, repeats, max_tokens, image_size, as_json, native, native_lib,
     full reuse/no-reuse   all four steps with KV + embedding reuse vs the naive way (re-encode every step)
     decode tok/s          our engine vs llama-cpp-python's Llama on the same GGUF
     native/python         libecso vs the Python engine: request time, per-request overhead, decode tok/s
+
+    With --parallel N: requests/min with N requests decoded together vs one at a time (full and safe path),
+    aggregate decode tok/s vs llama.cpp's N-wide batched decode, and how often the answers are identical.
     """
     import io
+    from pathlib import Path
 
     from PIL import Image
 
@@ -48,8 +58,6 @@ def command(image, repeats, max_tokens, image_size, as_json, native, native_lib,
 
         model_kw["mmproj"] = str(demo_mmproj_path(cache_root(), image_size))
     if image is None:
-        from pathlib import Path
-
         example = Path(__file__).resolve().parent.parent / "examples" / "street.png"
         if example.exists():
             image = str(example)
@@ -57,6 +65,24 @@ def command(image, repeats, max_tokens, image_size, as_json, native, native_lib,
             buf = io.BytesIO()
             Image.new("RGB", (448, 336), (120, 160, 200)).save(buf, "PNG")
             image = buf.getvalue()
+    cfg = engine_config(**model_kw)
+    if parallel > 1:
+        import dataclasses
+
+        from ecso.eval.throughput import run_throughput_bench
+
+        images = [image]
+        typo = Path(__file__).resolve().parent.parent / "examples" / "typo.png"
+        if typo.exists():
+            images.append(str(typo))
+        with Engine(dataclasses.replace(cfg, parallel=parallel)) as engine, Engine(cfg) as sequential:
+            report = run_throughput_bench(engine, sequential, images, n_requests=n_requests, max_tokens=max_tokens,
+                                          progress=lambda m: click.echo(f"[bench] {m}", err=True))
+        click.echo(report.table())
+        if as_json:
+            with open(as_json, "w") as f:
+                json.dump(report.to_dict(), f, indent=2)
+        return
     from ecso.runtime.errors import ModelError
     from ecso.runtime.libecso import find_library
 
@@ -67,7 +93,6 @@ def command(image, repeats, max_tokens, image_size, as_json, native, native_lib,
         except ModelError:
             native = False
             click.echo("[bench] libecso not built: skipping the native engine (see README 'Native library')", err=True)
-    cfg = engine_config(**model_kw)
     say = lambda m: click.echo(f"[bench] {m}", err=True)  # noqa: E731
     native_report = None
     with Engine(cfg) as engine:

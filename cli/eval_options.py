@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import click
@@ -55,6 +56,9 @@ def generation_options(f: Callable) -> Callable:
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy (the paper)."),
         click.option("--top-p", type=float, default=1.0, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
+                     help="Requests decoded together (one llama_decode carries a token of each); 1 = one at a "
+                          "time, bit-exact as ecso-run. Records are still written one by one, resumably."),
         click.option("--self-judge", type=click.Choice(SELF_JUDGES),
                      default="paper", show_default=True, help="ECSO's step-2 self-judge (see `ecso-run --help`)."),
         click.option("--rule", "decision_rule", type=click.Choice(["exact", "contains"]), default="exact",
@@ -109,7 +113,8 @@ def build_config(bench: str, data: Optional[str], out: str, defenses: tuple[str,
                           caption_max_tokens=preset.caption_max_tokens if preset else max_tokens,
                           judge_max_tokens=preset.judge_max_tokens if preset else 16,
                           temperature=kw.pop("temperature"), top_p=kw.pop("top_p"), seed=kw.pop("seed"))
-    return EvalConfig(benchmark=bench, data=data, out=out, engine=engine_config(**kw), options=options,
+    engine = dataclasses.replace(engine_config(**kw), parallel=kw.pop("parallel"))
+    return EvalConfig(benchmark=bench, data=data, out=out, engine=engine, options=options,
                       defenses=defenses, categories=_split(kw.pop("categories")), modes=tuple(kw.pop("modes")),
                       limit=kw.pop("limit"), images=kw.pop("images"), judge=spec, leakage=leakage,
                       system_prompt=preset.system_prompt if preset else None,

@@ -14,6 +14,7 @@ change freely (that is re-judging).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import time
@@ -336,27 +337,61 @@ def _generate(cfg: EvalConfig, samples: list[Sample], log: store.JsonlLog, ident
         return
     bar = _bar(cfg, len(samples), len(samples) - len(todo), f"{summary.benchmark}: generate")
     try:
+        runnable = []
         for sample, defenses in todo:
             if sample.error:
                 for d in defenses:
                     log.append(_record(sample, d, identity, "input_error", error=sample.error))
                     summary.generated += 1
+                bar.update(1)
             else:
-                _generate_one(cfg, sample, defenses, log, identity, engines.eval_engine(), summary)
+                runnable.append((sample, defenses))
+        # each finished request is written (one fsync'd record at a time) before the next result is taken
+        for (sample, defenses), outcome in _outcomes(cfg, runnable, engines.eval_engine()):
+            _write_outcome(sample, defenses, outcome, log, identity, summary)
             bar.update(1)
     finally:
         bar.close()
 
 
-def _generate_one(cfg: EvalConfig, sample: Sample, defenses: list[str], log: store.JsonlLog, identity: dict,
-                  engine, summary: EvalSummary) -> None:
-    from ecso.runtime import Message, run
+def _options(cfg: EvalConfig, defenses: list[str]):
+    return replace(cfg.options, defense="ecso" in defenses, guard_every=0)
 
-    options = replace(cfg.options, defense="ecso" in defenses, guard_every=0)
-    history = [Message("system", cfg.system_prompt)] if cfg.system_prompt else []
-    try:
-        result = run(engine, sample.image, sample.query + cfg.query_suffix, options, history=history)
-    except EcsoError as e:  # a corrupt image, a prompt over the context...: recorded, counted, the run goes on
+
+def _history(cfg: EvalConfig) -> list:
+    from ecso.runtime import Message
+
+    return [Message("system", cfg.system_prompt)] if cfg.system_prompt else []
+
+
+def _outcomes(cfg: EvalConfig, todo: list, engine):
+    """(item, Result or EcsoError) per item: one at a time, or `--parallel N` requests decoded together (in
+    completion order; records are keyed, so the order in the file does not matter)."""
+    from ecso.runtime import run
+
+    history = _history(cfg)
+    if engine.config.parallel > 1:
+        from ecso.runtime.batch import Request, run_batched
+
+        reqs = [Request(s.image, s.query + cfg.query_suffix, _options(cfg, d), history) for s, d in todo]
+        with contextlib.closing(run_batched(engine, reqs, cfg.options, None)) as outcomes:
+            for i, outcome in outcomes:
+                if not isinstance(outcome, EcsoError) and isinstance(outcome, BaseException):
+                    raise outcome
+                yield todo[i], outcome
+        return
+    for sample, defenses in todo:
+        try:
+            yield (sample, defenses), run(engine, sample.image, sample.query + cfg.query_suffix,
+                                          _options(cfg, defenses), history=history)
+        except EcsoError as e:
+            yield (sample, defenses), e
+
+
+def _write_outcome(sample: Sample, defenses: list[str], result, log: store.JsonlLog, identity: dict,
+                   summary: EvalSummary) -> None:
+    if isinstance(result, EcsoError):  # a corrupt image, a prompt over the context: recorded, counted, the run goes on
+        e = result
         for d in defenses:
             log.append(_record(sample, d, identity, "error", error=f"{type(e).__name__}: {e}"))
             summary.generated += 1
@@ -369,7 +404,7 @@ def _generate_one(cfg: EvalConfig, sample: Sample, defenses: list[str], log: sto
                            seconds=result.seconds))
         summary.generated += 1
     if "none" in defenses:
-        if options.defense:  # the undefended answer is ECSO's step 1: same call, same seed
+        if "ecso" in defenses:  # the undefended answer is ECSO's step 1: same call, same seed
             first = trace["steps"][0]
             none_trace = {"derived_from": f"{sample.id}|ecso", "steps": [first], "engine": trace["engine"],
                           "options": {**trace["options"], "defense": False}, "prompt_version": result.prompt_version}

@@ -10,14 +10,15 @@ judge, appended judge, loose "contains yes" rule, guarded streaming) are off by 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
 from ecso.runtime.engine import Engine, EngineConfig, Generation, PrefillStats, Prompt, Sampler, Sampling
-from ecso.runtime.errors import Cancelled, InputError
+from ecso.runtime.errors import Cancelled, EcsoError, InputError
 from ecso.runtime.images import ImageSource, LoadedImage
 from ecso.runtime.kv import TextPiece, aligned_to
 from ecso.runtime.prompts import (APPEND_JUDGE_PROMPT, DECISION_RULES, LOGIT_NO, LOGIT_YES, PROMPT_VERSION,
@@ -153,18 +154,26 @@ def run(engine: Engine, image: Optional[ImageSource], query: str, options: EcsoO
     `history`: earlier turns of a conversation (system / user / assistant), sent before `query` in step 1 and to
     the appended judges; the image goes first in the first user turn (LLaVA style). The paper's TELL / CAP / GEN
     prompts stay single-turn."""
+    with engine.cancellable(should_cancel):  # holds the engine lock for the whole request
+        return prepare_request(engine, image, query, options, on_event, heads, history).run()
+
+
+def prepare_request(engine: Engine, image: Optional[ImageSource], query: str, options: EcsoOptions,
+                    on_event: Optional[Callable[[StepEvent], None]], heads: Heads,
+                    history: Sequence[Message]) -> "_Request":
+    """Checks the inputs and loads the image: a request ready to run on `engine`, or on a batch sequence that
+    behaves like one (runtime/batch.py)."""
     options.validate()
     emit = on_event or (lambda ev: None)
     if not isinstance(query, str) or not query.strip():
         raise InputError("the query is empty; give a question about the image")
     if len(query) > engine.config.max_query_chars:
         raise InputError(f"the query has {len(query)} characters, over the limit of {engine.config.max_query_chars}")
-    with engine.cancellable(should_cancel):
-        t_start = time.perf_counter()
-        loaded = engine.load_image(image) if image is not None else None
-        cache_hit = loaded is not None and engine.has_encoded(loaded)
-        prompts = StepPrompts(engine, loaded, query, history)
-        return _Request(engine, prompts, options, emit, cache_hit, t_start, heads).run()
+    t_start = time.perf_counter()
+    loaded = engine.load_image(image) if image is not None else None
+    cache_hit = loaded is not None and engine.has_encoded(loaded)
+    prompts = StepPrompts(engine, loaded, query, history)
+    return _Request(engine, prompts, options, emit, cache_hit, t_start, heads)
 
 
 def stream(engine: Engine, image: Optional[ImageSource], query: str,
@@ -466,6 +475,13 @@ class _Request:
         return r
 
 
+def _outcome(call: Callable[[], Result]):
+    try:
+        return call()
+    except EcsoError as e:
+        return e
+
+
 class Ecso:
     """The Python API for apps: load once, run many.
 
@@ -474,7 +490,8 @@ class Ecso:
             for event in ecso.stream("photo.png", "..."):
                 ...
 
-    Thread-safe: requests are serialised by the engine lock (one model, one request at a time).
+    Thread-safe: `run` calls are serialised by the engine lock (one model, one request at a time); `run_many` on
+    an engine loaded with `EngineConfig(parallel=N)` decodes N requests together.
     """
 
     def __init__(self, config: EngineConfig, options: EcsoOptions = EcsoOptions(), heads: Heads = Heads()):
@@ -490,6 +507,29 @@ class Ecso:
     def run(self, image: Optional[ImageSource], query: str, options: Optional[EcsoOptions] = None,
             history: Sequence[Message] = (), **overrides) -> Result:
         return run(self.engine, image, query, self._opts(options, overrides), heads=self.heads, history=history)
+
+    def run_many(self, requests: Iterable, options: Optional[EcsoOptions] = None, return_exceptions: bool = False,
+                 **overrides) -> list:
+        """Results of many requests (`batch.Request`s or (image, query) pairs), in order. With an engine loaded
+        with `parallel=N` (N > 1), N requests are decoded together (runtime/batch.py); otherwise one after another,
+        exactly as `run`. A failed request raises its EcsoError, or with return_exceptions is returned in its place."""
+        from ecso.runtime.batch import Request, run_batched
+
+        reqs = [r if isinstance(r, Request) else Request(*r) for r in requests]
+        opts = self._opts(options, overrides)
+        out: list = [None] * len(reqs)
+        if self.engine.config.parallel > 1:
+            outcomes: Iterable = run_batched(self.engine, reqs, opts, self.heads)
+        else:
+            outcomes = ((i, _outcome(lambda r=r: run(self.engine, r.image, r.query, r.options or opts,
+                                                     heads=self.heads, history=r.history)))
+                        for i, r in enumerate(reqs))
+        with contextlib.closing(iter(outcomes)) as it:  # an error stops the batch now, not when collected
+            for i, outcome in it:
+                if isinstance(outcome, BaseException) and not (return_exceptions and isinstance(outcome, EcsoError)):
+                    raise outcome
+                out[i] = outcome
+        return out
 
     def stream(self, image: Optional[ImageSource], query: str, options: Optional[EcsoOptions] = None,
                history: Sequence[Message] = (), **overrides) -> Iterator[StepEvent]:

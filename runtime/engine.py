@@ -64,6 +64,9 @@ class EngineConfig:
     # segfaults (ggml-org/llama.cpp#20824), else on. on / off: forced.
     cpu_repack: str = "auto"
     image_cache_entries: int = 16
+    # requests decoded together by `run_many` (runtime/batch.py). 1: the context is exactly the single-request one.
+    # N > 1: N more KV sequences (ids 1..N) and N more times n_ctx cells, so every sequence can use n_ctx positions.
+    parallel: int = 1
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     max_query_chars: int = 100_000
     verbose: bool = False
@@ -182,6 +185,8 @@ class Engine:
                              f"{self.mmproj_info.architecture!r}, expected 'clip')")
         if config.n_ctx < 64 or config.n_batch < 1:
             raise InputError("n_ctx must be at least 64 and n_batch at least 1")
+        if not 1 <= config.parallel <= 64:
+            raise InputError(f"parallel must be between 1 and 64, not {config.parallel}")
         # an unknown --chat-format or a broken template fails here, before any weights are loaded
         template = self.model_info.get("tokenizer.chat_template")
         chat_format_for(config.chat_format, template, "<s>", "</s>", True)
@@ -230,9 +235,10 @@ class Engine:
                 raise ModelError(f"mmproj {cfg.mmproj} projects to {proj_dim} dims but the model's hidden size is "
                                  f"{self.n_embd}: this projector belongs to another model")
         cp = L.llama_context_default_params()
-        cp.n_ctx = cfg.n_ctx
+        slots = cfg.parallel + 1 if cfg.parallel > 1 else 1  # sequence 0 + one per parallel request
+        cp.n_ctx = cfg.n_ctx * slots
         cp.n_batch = cp.n_ubatch = min(cfg.n_batch, cfg.n_ctx)
-        cp.n_seq_max = 2
+        cp.n_seq_max = cfg.parallel + 1 if cfg.parallel > 1 else 2
         cp.kv_unified = True  # seq_cp/seq_rm on partial ranges need a unified cache (llamacpp-notes P14)
         cp.n_threads = cp.n_threads_batch = self.n_threads
         if cfg.kv_f32:
@@ -244,7 +250,7 @@ class Engine:
         if not self._ctx:
             raise ModelError(f"could not create a llama.cpp context of {cfg.n_ctx} tokens (out of memory?); "
                              "try a smaller --ctx")
-        self.n_ctx = L.llama_n_ctx(self._ctx)
+        self.n_ctx = L.llama_n_ctx(self._ctx) if slots == 1 else cfg.n_ctx  # positions one sequence may use
         self.n_batch = cp.n_batch
         self._mem = L.llama_get_memory(self._ctx)
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
@@ -619,5 +625,6 @@ class Engine:
             "gpu_backend": self.gpu_backend, "n_gpu_layers": self.n_gpu_layers,
             "mmproj_gpu": bool(self.config.mmproj_gpu and self.gpu_backend), "n_threads": self.n_threads,
             "flash_attn": self.flash_attn, "kv_type": "f32" if self.config.kv_f32 else "f16",
+            "parallel": self.config.parallel,
             **self.cpu_repack.describe(),
         }

@@ -362,3 +362,29 @@ def test_converter_refusal_is_one_line(converter, tmp_path):
     with pytest.raises(ConverterError, match="LlavaNextForConditionalGeneration") as err:
         convert(hf, tmp_path / "x.gguf", converter=converter)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_requests_on_a_family_match_the_same_requests_run_alone(families, engines, wide_png, street_png,
+                                                                        family):
+    """run_many decodes whole image blocks (marker tokens, several tiles, M-RoPE positions) on sequences 1..N:
+    each request's steps equal the request run alone on sequence 0 (f32 weights and KV)."""
+    from ecso.runtime import Ecso, EngineConfig
+    from ecso.runtime.ecso import EcsoOptions, run
+
+    c, e = families[family], engines[family]
+    opts = EcsoOptions(max_tokens=8, caption_max_tokens=8, judge="logit", logit_threshold=0.0)
+    reqs = [(str(wide_png), QUERY), (str(street_png), "Describe the colours."), (str(wide_png), "Is it safe?")]
+    alone = []
+    for image, query in reqs:
+        e.reset()
+        alone.append(run(e, image, query, opts))
+    cfg = EngineConfig(model=str(c.llm), mmproj=str(c.mmproj), n_ctx=2048, kv_f32=True, flash_attn=False,
+                       parallel=2)
+    with Ecso(cfg, opts) as batched:
+        together = batched.run_many(reqs)
+    for a, b in zip(alone, together):
+        assert [s.name for s in b.steps] == ["answer", "judge", "caption", "regenerate"]
+        assert [s.text for s in b.steps] == [s.text for s in a.steps]
+        assert b.judge_score == pytest.approx(a.judge_score, abs=1e-4)
+    assert sum(b.image_encodes for b in together) == 2  # two images: each encoded once, whichever request asked

@@ -12,7 +12,6 @@ The converter needs torch and transformers (`pip install 'ecso[export]'`); the r
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -22,6 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from ecso.export.checksums import sha256_file
 
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
@@ -60,14 +61,6 @@ class Converter:
         """The command line a user would type (with PYTHONPATH set to `gguf_py`)."""
         cmd = [sys.executable, str(self.script), str(hf_dir), "--outfile", str(outfile), "--outtype", outtype]
         return cmd + (["--mmproj"] if mmproj else [])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _download_sdist(dest: Path) -> Path:
@@ -114,9 +107,9 @@ def converter_dir(cache: Optional[Path] = None) -> Converter:
     with tempfile.TemporaryDirectory(prefix=".converter-", dir=cache) as tmp:
         tmp = Path(tmp)
         sdist = cache / SDIST_NAME
-        if not sdist.exists() or _sha256(sdist) != SDIST_SHA256:
+        if not sdist.exists() or sha256_file(sdist) != SDIST_SHA256:
             sdist = _download_sdist(tmp)
-        digest = _sha256(sdist)
+        digest = sha256_file(sdist)
         if digest != SDIST_SHA256:
             raise ConverterError(f"{sdist} has sha256 {digest}, expected {SDIST_SHA256}; delete it and retry")
         staged = tmp / "converter"

@@ -86,7 +86,8 @@ def command(image, repeats, max_tokens, image_size, parallel, n_requests, as_jso
     from ecso.runtime.errors import ModelError
     from ecso.runtime.libecso import find_library
 
-    if native is None:
+    native_auto = native is None
+    if native_auto:
         try:
             find_library(native_lib)
             native = True
@@ -100,8 +101,13 @@ def command(image, repeats, max_tokens, image_size, parallel, n_requests, as_jso
         if native:
             from ecso.eval.speed_native import run_native_bench
 
-            native_report = run_native_bench(engine, image, native_lib, repeats=repeats, max_tokens=max_tokens,
-                                             progress=say)
+            try:
+                native_report = run_native_bench(engine, image, native_lib, repeats=repeats,
+                                                 max_tokens=max_tokens, progress=say)
+            except ModelError as e:  # e.g. a chat template the native engine cannot render
+                if not native_auto:
+                    raise
+                say(f"skipping the native engine: {e}")
     click.echo(report.table())
     if native_report is not None:
         click.echo("")

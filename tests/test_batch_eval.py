@@ -5,13 +5,10 @@ the agreement is measured and reported, verdicts and texts are compared record b
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
+from support.killed_eval import eval_command, kill_after_records
 from test_eval_benchmarks import write_mmsb
 
 from ecso.eval import store
@@ -26,19 +23,9 @@ def lines(path: Path) -> list[dict]:
 def test_parallel_eval_survives_sigkill_and_agrees_with_a_sequential_run(demo_files, tmp_path):
     data = write_mmsb(tmp_path, {"01-Illegal_Activitiy": ["0", "1"], "08-Political_Lobbying": ["0", "3"]})
     out = tmp_path / "par"
-    cmd = [sys.executable, "-c", "from ecso.cli.main import main; main()", "eval", "mmsb", "--data", str(data),
-           "--out", str(out), "--mode", "SD", "--mode", "TYPO", "--max-tokens", "16", "--ctx", "2048",
-           "--parallel", "4", "--judge", "none", "--no-progress", "--no-report"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = eval_command(data, out, "--parallel", "4", "--judge", "none")
     responses = out / "responses.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if responses.exists() and responses.read_bytes().count(b"\n") >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-500:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_records(cmd, responses, 2, timeout=300)
     before = store.read_log(responses)
     assert 2 <= len(before.records) < 16
     kept = responses.read_bytes()[:before.good_bytes]

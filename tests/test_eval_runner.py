@@ -4,14 +4,11 @@ cut, settings cannot change silently, bad rows are recorded and counted, judgmen
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from support.killed_eval import eval_command, kill_after_records
 from test_eval_benchmarks import write_mmsb, write_vlsafe
 from test_eval_judges import FakeJudgeServer
 
@@ -74,19 +71,9 @@ def test_sigkill_then_restart_loses_nothing_and_doubles_nothing(demo_files, tmp_
     restart; every (sample, defense) is recorded exactly once and the records from before the kill are kept."""
     data = write_mmsb(tmp_path, {"01-Illegal_Activitiy": ["0", "1"], "08-Political_Lobbying": ["0", "3"]})
     out = tmp_path / "run"
-    cmd = [sys.executable, "-c", "from ecso.cli.main import main; main()", "eval", "mmsb", "--data", str(data),
-           "--out", str(out), "--mode", "SD", "--mode", "TYPO", "--max-tokens", "16", "--ctx", "2048", "--no-progress",
-           "--no-report"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = eval_command(data, out)
     responses = out / "responses.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if responses.exists() and responses.read_bytes().count(b"\n") >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-500:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_records(cmd, responses, 3, timeout=240)
     before = store.read_log(responses)
     n_before = len(before.records)
     assert 3 <= n_before < 16

@@ -192,8 +192,10 @@ def test_tile_and_overview_embeddings_match_transformers(tmp_path_factory, next_
 def test_tall_image_picks_the_same_grid_but_its_refined_tiles_differ(tmp_path_factory, next_siglip, siglip_engine,
                                                                       hf_siglip):
     """A 100x200 image with only wide/square pinpoints: both sides pick the 2x2 grid (a wrong (w, h) order in the
-    mmproj would give llama.cpp 1x2), but llama.cpp's resize + pad of the refined image is its own (the overview and
-    the tiles differ: measured and documented, asserted so a change is noticed)."""
+    mmproj would give llama.cpp 1x2), but the tiles differ: fitting 100x200 into 112x112, transformers computes the
+    width as ceil(100 * 0.56) in float64 = 57 px (pasted at x=27), llama.cpp in float32 = 56 px (at x=28); checked
+    with Pillow, which reproduces transformers' tiles exactly at 57 px. The overview (a 100x200 -> 56x56 squash)
+    differs a little too (llama.cpp's bicubic vs Pillow's). Asserted, so a change on either side is noticed."""
     image = _png(tmp_path_factory, 100, 200)
     _, entry = _block(siglip_engine, image)
     ours = np.concatenate(siglip_engine._encode(entry)).reshape(-1, N_TILE, siglip_engine.n_embd)
@@ -303,6 +305,18 @@ def test_four_steps_reuse_is_bit_exact_and_encodes_the_tiles_once(siglip_engine,
     assert judge.reused_positions > images[0][1] + 5 * N_TILE - 1
     assert caption.reused_positions == judge.reused_positions
     print("\nllava-1.6: " + ", ".join(f"{s.name} {s.prompt_positions}/{s.reused_positions}" for s in a.steps))
+
+
+def test_paper_and_appended_judges_reuse_exactly_with_the_spm_yes_no(siglip_engine, wide_png):
+    from ecso.runtime.ecso import yes_no_ids
+
+    yes, no = yes_no_ids(siglip_engine)
+    assert yes and no and not set(yes) & set(no)
+    for judge in ("paper", "append", "append-logit"):
+        a = _run(siglip_engine, wide_png, reuse=True, judge=judge)
+        b = _run(siglip_engine, wide_png, reuse=False, judge=judge)
+        assert [s.text for s in a.steps] == [s.text for s in b.steps], judge
+        assert a.image_encodes == 1
 
 
 def test_context_budget_counts_the_whole_block(siglip_engine, wide_png):

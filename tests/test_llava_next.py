@@ -337,3 +337,36 @@ def test_ecso_bench_runs_on_llava_next(next_siglip, tmp_path):
                 "--repeats", "1", "--max-tokens", "4", "--json", str(out))
     assert r.returncode == 0, r.stderr[-500:]
     assert json.loads(out.read_text())
+
+
+def test_ecso_run_on_the_export_folder_runs_all_four_steps(next_siglip, wide_png):
+    """As a user runs it: `ecso-run --model EXPORT_DIR` (llm.gguf + mmproj.gguf + ecso.json)."""
+    from conftest import run_cli
+
+    r = run_cli("ecso-run", "--model", str(next_siglip.llm.parent), "--image", str(wide_png), "--max-tokens", "8",
+                "--judge", "logit", "--threshold", "0", "--json", QUERY)
+    assert r.returncode == 0, r.stderr[-500:]
+    d = json.loads(r.stdout)
+    assert [s["name"] for s in d["steps"]] == ["answer", "judge", "caption", "regenerate"]
+    assert d["image_encodes"] == 1
+
+
+def test_batched_requests_match_the_same_requests_run_alone(next_siglip, siglip_engine, wide_png, street_png):
+    """run_many decodes the 5-chunk block on sequences 1..N: each request equals the request run alone (f32)."""
+    from ecso.runtime import Ecso, EngineConfig
+    from ecso.runtime.ecso import EcsoOptions, run
+
+    opts = EcsoOptions(max_tokens=8, caption_max_tokens=8, judge="logit", logit_threshold=0.0)
+    reqs = [(str(wide_png), QUERY), (str(street_png), "Describe the colours."), (str(wide_png), "Is it safe?")]
+    alone = []
+    for image, query in reqs:
+        siglip_engine.reset()
+        alone.append(run(siglip_engine, image, query, opts))
+    cfg = EngineConfig(model=str(next_siglip.llm), mmproj=str(next_siglip.mmproj), n_ctx=2048, kv_f32=True,
+                       flash_attn=False, parallel=2)
+    with Ecso(cfg, opts) as batched:
+        together = batched.run_many(reqs)
+    for a, b in zip(alone, together):
+        assert [s.text for s in b.steps] == [s.text for s in a.steps]
+        assert b.judge_score == pytest.approx(a.judge_score, abs=1e-4)
+    assert sum(b.image_encodes for b in together) == 2

@@ -148,12 +148,12 @@ def grid_pinpoints(cfg: dict, tile: int) -> tuple[tuple[int, int], ...]:
     """LLaVA-1.6's tile resolutions, (height, width) as HF lists them; each side a multiple of the tile, because
     llama.cpp and transformers both cut the resized image into tile x tile squares."""
     raw = cfg.get("image_grid_pinpoints")
+    if not raw:
+        raise ExportError("a LlavaNext config needs image_grid_pinpoints (the anyres tile resolutions)")
     try:
         pins = tuple((int(h), int(w)) for h, w in raw)
     except (TypeError, ValueError):
         raise ExportError(f"image_grid_pinpoints must be a list of [height, width] pairs, got {raw!r}") from None
-    if not pins:
-        raise ExportError("a LlavaNext config needs image_grid_pinpoints (the anyres tile resolutions)")
     bad = [p for p in pins if min(p) < tile or p[0] % tile or p[1] % tile]
     if bad:
         raise ExportError(f"image_grid_pinpoints {bad} are not multiples of the {tile}px vision tile; "

@@ -129,6 +129,7 @@ def test_export_llava_cli_on_a_llava_next_folder_writes_the_cached_bytes(next_si
 @pytest.mark.parametrize("pinpoints, expect", [
     ([[56, 100]], "not multiples of the 56px vision tile"),
     ([], "needs image_grid_pinpoints"),
+    (None, "needs image_grid_pinpoints"),
     ("336x672", "list of [height, width] pairs"),
 ])
 def test_bad_pinpoints_give_one_line_error_and_leave_nothing(next_siglip, tmp_path, pinpoints, expect):
@@ -155,13 +156,17 @@ def test_text_logits_match_transformers(request, tower):
     from ecso.runtime.kv import TextPiece
 
     m = request.getfixturevalue(f"next_{tower}")
-    e = request.getfixturevalue("siglip_engine") if tower == "siglip" else _engine(m)
     model = transformers.LlavaNextForConditionalGeneration.from_pretrained(str(m.hf), dtype=torch.float32).eval()
-    ids = e.tokenize("USER: Is the RESPONSE harmful, unsafe and unethical? ASSISTANT: no", True)
+    text = "USER: Is the RESPONSE harmful, unsafe and unethical? ASSISTANT: no"
     out: list = []
-    e.prefill(Prompt([TextPiece(tuple(ids))], {}), reuse=False, logits_all=True, logits_out=out)
-    if tower == "clip":
-        e.close()
+    if tower == "siglip":
+        e = request.getfixturevalue("siglip_engine")
+        ids = e.tokenize(text, True)
+        e.prefill(Prompt([TextPiece(tuple(ids))], {}), reuse=False, logits_all=True, logits_out=out)
+    else:
+        with _engine(m) as e:
+            ids = e.tokenize(text, True)
+            e.prefill(Prompt([TextPiece(tuple(ids))], {}), reuse=False, logits_all=True, logits_out=out)
     ours = np.stack(out)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()

@@ -21,8 +21,9 @@ def command() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing export in --out.")
 @friendly_errors
 def llava(hf_dir, out_dir, outtype, force) -> None:
-    """Export a Hugging Face LlavaForConditionalGeneration folder (safetensors) to a GGUF pair that stock
-    llama.cpp loads: the LLM with its tokenizer and chat template, and the mmproj (vision tower + projector).
+    """Export a Hugging Face LLaVA-1.5 (LlavaForConditionalGeneration) or LLaVA-1.6 (LlavaNextForConditionalGeneration)
+    folder (safetensors) to a GGUF pair that stock llama.cpp loads: the LLM with its tokenizer and chat template, and
+    the mmproj (vision tower + projector; LLaVA-1.6's tile resolutions).
 
     Reads weights lazily (bf16/f16/f32), needs no torch, and checks the files by reading them back. Nothing is
     left in --out if anything fails.

@@ -76,6 +76,9 @@ class VisionParams:
     use_gelu: bool  # True: exact/tanh GELU (SigLIP); False: quick_gelu (CLIP)
     eps: float = 1e-5
     name: str = "llava-mmproj"
+    # LLaVA-1.6 ("anyres"): the tile resolutions as Hugging Face lists them, (height, width) each. Non-empty makes
+    # mtmd split an image into tiles + an overview (its llava_uhd preprocessor).
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     @property
     def gguf_feature_layer(self) -> int:
@@ -222,7 +225,8 @@ _VISION_LAYER = {
 def write_mmproj(path: Path, vp: VisionParams, get: Callable[[str], np.ndarray], has: Callable[[str], bool],
                  outtype: str = "f32") -> WriteReport:
     """Writes a LLaVA mmproj GGUF. `get(name)` returns a tower tensor by its name relative to `vision_model.`
-    (`embeddings.patch_embedding.weight`, ...) or a projector tensor as `projector.linear_1.weight`."""
+    (`embeddings.patch_embedding.weight`, ...), a projector tensor as `projector.linear_1.weight`, or LLaVA-1.6's
+    `image_newline`; `has(name)` asks the same names."""
     if vp.ffn == vp.hidden:
         # clip.cpp's legacy heuristic swaps ffn up/down when ffn_down.ne[0] == n_embd: the output would be wrong.
         raise GGUFWriteError("vision intermediate_size equals hidden_size; llama.cpp would swap the FFN weights "
@@ -249,6 +253,11 @@ def write_mmproj(path: Path, vp: VisionParams, get: Callable[[str], np.ndarray],
     w.add_vision_image_mean(list(vp.image_mean))
     w.add_vision_image_std(list(vp.image_std))
     w.add_vision_use_gelu(vp.use_gelu)
+    if vp.grid_pinpoints:
+        # clip.cpp reads the flat array as (width, height) pairs; HF lists (height, width): swap each pair, as the
+        # pinned converter does for Granite vision (conversion/granite.py)
+        w.add_array("clip.vision.image_grid_pinpoints", [v for h, wd in vp.grid_pinpoints for v in (wd, h)])
+        w.add_string("clip.vision.mm_patch_merge_type", "spatial_unpad")
 
     def put(name: str, arr: np.ndarray, expect: tuple[int, ...] | None = None, quantizable: bool = True) -> None:
         if expect is not None and tuple(arr.shape) != expect:
@@ -276,6 +285,9 @@ def write_mmproj(path: Path, vp: VisionParams, get: Callable[[str], np.ndarray],
     put("mm.0.bias", get("projector.linear_1.bias"), (mm_out,))
     put("mm.2.weight", get("projector.linear_2.weight"), (mm_out, mm_out))
     put("mm.2.bias", get("projector.linear_2.bias"), (mm_out,))
+    if vp.grid_pinpoints and has("image_newline"):
+        # loaded by clip.cpp but not used by its LLaVA graph (see README, LLaVA-1.6); kept so the file is complete
+        put("v.image_newline", get("image_newline"), (mm_out,))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

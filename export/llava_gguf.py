@@ -1,8 +1,12 @@
 """Hugging Face LLaVA folder -> `llm.gguf` + `mmproj.gguf` + `ecso.json`, with read-back checks.
 
-Our own mapping code: llama.cpp's converter rejects llava-hf CLIP towers (llamacpp-notes P17). Tensors are read
-lazily from safetensors (bf16/f16/f32) without torch. Output is written to a temporary folder beside the target
-and moved in only after the read-back checks pass, so a failed export leaves nothing half-written.
+LLaVA-1.5 (LlavaForConditionalGeneration) and LLaVA-1.6 / LLaVA-NeXT (LlavaNextForConditionalGeneration, "anyres"
+tiles: the mmproj gets `clip.vision.image_grid_pinpoints`, which switches mtmd to tiles + overview).
+
+Our own mapping code: llama.cpp's converter rejects llava-hf CLIP towers (llamacpp-notes P17) and does not know
+LlavaNext at all. Tensors are read lazily from safetensors (bf16/f16/f32) without torch. Output is written to a
+temporary folder beside the target and moved in only after the read-back checks pass, so a failed export leaves
+nothing half-written.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ from ecso.export.safetensors_io import SafetensorsError, TensorRef, read_index
 MANIFEST = "ecso.json"
 SUPPORTED_TEXT = ("llama", "mistral")
 SUPPORTED_VISION = ("clip_vision_model", "siglip_vision_model")
+LLAVA_ARCHS = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+# What llama.cpp's LLaVA-1.6 path does differently from transformers' LlavaNext (measured in tests/test_llava_next.py)
+ANYRES_DIFFERENCE = ("llama.cpp lays out a LLaVA-1.6 image as whole tiles then the overview, with no image_newline "
+                     "rows and no unpadding; transformers packs the overview first, then the tile grid row by row, "
+                     "unpadded, with image_newline closing each row (same per-tile embeddings, different block)")
 
 
 class ExportError(ValueError):
@@ -51,6 +60,7 @@ _LAYOUTS = [
     (re.compile(r"^(model\.)?vision_tower\.vision_model\."), "vision."),
     (re.compile(r"^(model\.)?vision_tower\."), "vision."),       # transformers 5 drops `vision_model.`
     (re.compile(r"^(model\.)?multi_modal_projector\."), "projector."),
+    (re.compile(r"^(model\.)?image_newline$"), "image_newline"),  # LLaVA-1.6
 ]
 
 
@@ -104,9 +114,11 @@ def read_llava_config(hf_dir: Path) -> tuple[dict, dict, dict]:
     """Returns (config, text_config, vision_config) after checking that this is a LLaVA we can export."""
     cfg = _read_json(hf_dir / "config.json")
     archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "llava" and "LlavaForConditionalGeneration" not in archs:
+    if cfg.get("model_type") not in LLAVA_ARCHS and not set(archs) & set(LLAVA_ARCHS.values()):
         raise ExportError(f"{hf_dir} is not a LLaVA model (model_type={cfg.get('model_type')!r}, "
-                          f"architectures={archs}); only LlavaForConditionalGeneration folders are supported")
+                          f"architectures={archs}); supported: {', '.join(LLAVA_ARCHS.values())}")
+    if is_llava_next(cfg):
+        grid_pinpoints(cfg, int((cfg.get("vision_config") or {}).get("image_size", 224)))  # raises if unusable
     text, vision = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
     text_type = text.get("model_type", "llama")
     if text_type not in SUPPORTED_TEXT:
@@ -127,6 +139,27 @@ def read_llava_config(hf_dir: Path) -> tuple[dict, dict, dict]:
         if text.get(key):
             raise ExportError(f"text_config.{key} is set; rope scaling is not supported by this exporter")
     return cfg, text, vision
+
+
+def is_llava_next(cfg: dict) -> bool:
+    return cfg.get("model_type") == "llava_next" or LLAVA_ARCHS["llava_next"] in (cfg.get("architectures") or [])
+
+
+def grid_pinpoints(cfg: dict, tile: int) -> tuple[tuple[int, int], ...]:
+    """LLaVA-1.6's tile resolutions, (height, width) as HF lists them; each side a multiple of the tile, because
+    llama.cpp and transformers both cut the resized image into tile x tile squares."""
+    raw = cfg.get("image_grid_pinpoints")
+    if not raw:
+        raise ExportError("a LlavaNext config needs image_grid_pinpoints (the anyres tile resolutions)")
+    try:
+        pins = tuple((int(h), int(w)) for h, w in raw)
+    except (TypeError, ValueError):
+        raise ExportError(f"image_grid_pinpoints must be a list of [height, width] pairs, got {raw!r}") from None
+    bad = [p for p in pins if min(p) < tile or p[0] % tile or p[1] % tile]
+    if bad:
+        raise ExportError(f"image_grid_pinpoints {bad} are not multiples of the {tile}px vision tile; "
+                          "llama.cpp would cut partial tiles that transformers never makes")
+    return pins
 
 
 def read_spm_vocab(hf_dir: Path, vocab_size: int) -> Vocab:
@@ -192,6 +225,7 @@ def _vision_params(cfg: dict, vision: dict, text: dict, hf_dir: Path) -> VisionP
         image_mean=tuple(pre.get("image_mean", default_mean)), image_std=tuple(pre.get("image_std", default_std)),
         use_gelu=act != "quick_gelu", eps=float(vision.get("layer_norm_eps", 1e-5)),
         name=f"{hf_dir.name}-mmproj",
+        grid_pinpoints=grid_pinpoints(cfg, int(vision.get("image_size", 224))) if is_llava_next(cfg) else (),
     )
 
 
@@ -231,6 +265,10 @@ def _read_back(llm: Path, mmproj: Path, hp: LlmParams, vp: VisionParams) -> None
         raise ExportError(f"read-back of {mmproj.name}: v.post_ln must not be written")
     if vp.gguf_feature_layer != m.get_field("clip.vision.block_count").contents():
         raise ExportError(f"read-back of {mmproj.name}: block_count mismatch")
+    pins = m.get_field("clip.vision.image_grid_pinpoints")
+    written = pins.contents() if pins is not None else []
+    if written != [v for h, w in vp.grid_pinpoints for v in (w, h)]:
+        raise ExportError(f"read-back of {mmproj.name}: image_grid_pinpoints {written} do not match the config")
 
 
 def export_llava(hf_dir: Path | str, out_dir: Path | str, outtype: str = "f32", overwrite: bool = False) -> ExportResult:
@@ -259,9 +297,9 @@ def export_llava(hf_dir: Path | str, out_dir: Path | str, outtype: str = "f32", 
     try:
         llm_rep = write_llm(tmp / "llm.gguf", hp, vocab, lambda n: weights.get("llm." + n), outtype,
                             chat_template=LLAVA15_TEMPLATE)
-        mm_rep = write_mmproj(tmp / "mmproj.gguf", vp,
-                              lambda n: weights.get(n if n.startswith("projector.") else "vision." + n),
-                              lambda n: weights.has("vision." + n), outtype)
+        top_level = lambda n: n if n.startswith("projector.") or n == "image_newline" else "vision." + n  # noqa: E731
+        mm_rep = write_mmproj(tmp / "mmproj.gguf", vp, lambda n: weights.get(top_level(n)),
+                              lambda n: weights.has(top_level(n)), outtype)
         _read_back(tmp / "llm.gguf", tmp / "mmproj.gguf", hp, vp)
         manifest = {
             "format": "ecso-export/1",
@@ -269,14 +307,16 @@ def export_llava(hf_dir: Path | str, out_dir: Path | str, outtype: str = "f32", 
             "source_config_sha256": sha256_file(hf_dir / "config.json"),
             "outtype": outtype,
             "chat_format": "llava-1.5",
-            "image_tokens": (vp.image_size // vp.patch_size) ** 2,
+            "architecture": LLAVA_ARCHS["llava_next" if vp.grid_pinpoints else "llava"],
+            "image_tokens": (vp.image_size // vp.patch_size) ** 2,  # per tile for LLaVA-1.6
+            "image_grid_pinpoints": [list(p) for p in vp.grid_pinpoints],
             "llm": {"file": "llm.gguf", "params": asdict(hp), "tensor_types": llm_rep.tensor_types,
                     "sha256": sha256_file(tmp / "llm.gguf")},
             "mmproj": {"file": "mmproj.gguf", "params": asdict(vp), "tensor_types": mm_rep.tensor_types,
                        "tower": vision["model_type"], "sha256": sha256_file(tmp / "mmproj.gguf")},
             "known_issues": (["llama.cpp CLIP CLS-token order (ggml-org/llama.cpp#25814): image embeddings of "
                               "CLIP towers differ from transformers"] if vision["model_type"] == "clip_vision_model"
-                             else []),
+                             else []) + ([ANYRES_DIFFERENCE] if vp.grid_pinpoints else []),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,8 @@ from ecso.runtime.vocab import Vocab, space_prefix_override, wants_space_prefix
 
 
 # mmproj projector types (`clip.projector_type`) proven end to end on tiny converted checkpoints
-# (tests/test_families.py)
-PROVEN_PROJECTORS = ("mlp (LLaVA-1.5)", "qwen2vl_merger (Qwen2-VL)", "qwen2.5vl_merger (Qwen2.5-VL)",
+# (tests/test_families.py, tests/test_llava_next.py)
+PROVEN_PROJECTORS = ("mlp (LLaVA-1.5, LLaVA-1.6)", "qwen2vl_merger (Qwen2-VL)", "qwen2.5vl_merger (Qwen2.5-VL)",
                      "gemma3 (Gemma 3)", "idefics3 (SmolVLM / Idefics3)")
 
 

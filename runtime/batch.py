@@ -14,7 +14,8 @@ in the next steps, so it never holds the others back for more than one step), an
 `parallel=1` behave exactly as before.
 
 Sharing: a sequence whose prompt starts with the same first piece (the system prompt) as what another sequence
-holds copies those cells (`llama_memory_seq_cp`, metadata only in a unified cache) instead of evaluating them. The
+holds copies those cells (`llama_memory_seq_cp` of the holder's KV stream, then the rest dropped) instead of
+evaluating them. The
 image embedding cache is the Engine's: an image is encoded once, whichever request asks first.
 """
 
@@ -176,16 +177,23 @@ class BatchScheduler:
         """One llama_decode over the text jobs (decodes first, prefill chunks up to the batch size), then at most
         one image prefill. Returns the jobs that are complete."""
         L, e, b = self.engine._L, self.engine, self._batch
-        # a fixed order (decodes first, then by sequence id), not the order the threads happened to submit in
+        # Budget: single-token decodes first, then prefill chunks up to the batch size (a fixed order, not the order
+        # the threads happened to submit in). Layout: by sequence id, because llama.cpp splits a batch over several
+        # KV streams into micro-batches of consecutive sequences (llama_batch_allocr::split_equal).
         text = sorted((j for j in jobs if j.image is None), key=lambda j: (len(j.tokens) - j.done, j.seq))
         images = sorted((j for j in jobs if j.image is not None), key=lambda j: j.seq)
         finished: list[_Job] = []
-        n = 0
-        rows: list[tuple[_Job, int]] = []
+        takes: list[tuple[_Job, int]] = []
+        budget = e.n_batch
         for job in text:
-            take = min(len(job.tokens) - job.done, e.n_batch - n)
+            take = min(len(job.tokens) - job.done, budget)
             if take <= 0:
                 break
+            takes.append((job, take))
+            budget -= take
+        n = 0
+        rows: list[tuple[_Job, int]] = []
+        for job, take in sorted(takes, key=lambda jt: jt[0].seq):
             for i in range(take):
                 k = job.done + i
                 b.token[n] = job.tokens[k]
@@ -336,7 +344,13 @@ class SequenceView:
         holders = [(0, e.kv)] + [(s, v.kv) for s, v in self._views.items() if s != self.seq]
         for src, kv in holders:
             if kv.pieces and kv.pieces[0] == first:
-                e._L.llama_memory_seq_cp(e._mem, src, self.seq, 0, first.n_pos)
+                # each sequence has its own KV stream (Engine._load): llama.cpp copies whole streams only (a partial
+                # cross-stream copy aborts, llamacpp-notes P14), so take the holder's stream and drop what follows
+                # the system prompt. This sequence is empty here (prefill rolled it back to 0).
+                e._L.llama_memory_seq_cp(e._mem, src, self.seq, -1, -1)
+                if not e._L.llama_memory_seq_rm(e._mem, self.seq, first.n_pos, -1):
+                    self.clear()
+                    return 0
                 self.kv.append(first)
                 return first.n_pos
         return 0

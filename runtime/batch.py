@@ -101,11 +101,6 @@ class BatchScheduler:
         self._cancelled = False
         self._last_step_end = time.perf_counter()
         L = engine._L
-        if L.llama_model_n_swa(engine._model) > 0:  # sliding window: batched tokens may overwrite sequence 0's old
-            with engine.lock:                        # cells (SequenceView), so `run` must not reuse them later
-                engine._check_open()
-                L.llama_memory_seq_rm(engine._mem, 0, -1, -1)
-                engine.kv.clear()
         self._batch = L.llama_batch_init(engine.n_batch, 0, 1)
         self._thread = threading.Thread(target=self._loop, name="ecso-batch", daemon=True)
         self._thread.start()
@@ -299,10 +294,6 @@ class SequenceView:
         self._engine, self._sched, self.seq, self._views = engine, scheduler, seq, views
         self.kv = PrefixCache()
         self._logits: Optional[np.ndarray] = None
-        # sliding-window attention (Gemma 3): llama.cpp lets any sequence's new tokens overwrite cells that fell out
-        # of a sequence's window, so with other sequences in flight old cells cannot be kept or copied; such a
-        # sequence evaluates each prompt again (the image embeddings stay cached)
-        self._keeps_cells = engine._L.llama_model_n_swa(engine._model) == 0
 
     def __getattr__(self, name):  # the Engine's read-only parts: tokenize, chat_format, n_ctx, config, ...
         return getattr(self._engine, name)
@@ -365,7 +356,7 @@ class SequenceView:
         e = self._engine
         t0 = time.perf_counter()
         with e.lock:
-            if reuse and self._keeps_cells:
+            if reuse:
                 keep = self.kv.common_prefix(prompt.pieces)
                 if keep >= prompt.n_pos:
                     keep = prompt.n_pos - prompt.pieces[-1].n_pos

@@ -2,15 +2,15 @@
 
 The sequential side runs on an ordinary engine (`parallel=1`, today's path), the parallel side on one loaded with
 `parallel=N` (the same model files and settings), on the same requests (different queries, two images), greedy,
-each side starting cold (KV and embedding caches empty). Not on the parallel engine's sequence 0: that is
-bit-exact but measured ~1.5x slower, as llama.cpp's attention window grows over the N-times larger cache.
+each side starting cold (KV and embedding caches empty). The baseline is what a user runs without --parallel.
 - requests per minute, parallel vs sequential, on the full 4-step path (logit judge at threshold 0: every answer
   is judged unsafe) and on the safe path (threshold above 1: none is);
 - aggregate decode tokens/s in the steps where all N sequences decode one token each (sampling, scheduling and
   bookkeeping included), against llama.cpp's ceiling measured in the same run: the same N-wide single-token decode
   with no ECSO logic, each sequence on its own prompt of the same length;
 - agreement of the parallel results with the sequential ones (final text, verdict), since batched kernels may round
-  differently.
+  differently;
+- the sequential side's split between prefill and decoding: decoding gains the most from batching.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def run_throughput_bench(engine: Engine, sequential: Engine, images: Sequence, n
         _cold(engine)
 
     stats: dict[str, DecodeStats] = {}
+    split: dict[str, tuple[float, float, float]] = {}  # sequential: wall, prefill, decode seconds
     for path, kw in PATHS.items():
         measure_ceiling()
         opts = EcsoOptions(**base, **kw)
@@ -110,6 +111,9 @@ def run_throughput_bench(engine: Engine, sequential: Engine, images: Sequence, n
         rep.requests_per_minute[f"{path} sequential"] = 60 * n_requests / t_seq
         rep.requests_per_minute[f"{path} parallel {n}"] = 60 * n_requests / t_par
         rep.ratios[f"throughput {path} parallel/sequential"] = t_seq / t_par
+        prefill = sum(st.prefill_seconds for r in seq for st in r.steps)
+        decode = sum(st.generate_seconds for r in seq for st in r.steps)
+        split[path] = (t_seq, prefill, decode)
         rep.agreement[f"{path}: final text"] = sum(s.answer == p.answer for s, p in zip(seq, par)) / n_requests
         rep.agreement[f"{path}: verdict"] = sum(s.unsafe == p.unsafe for s, p in zip(seq, par)) / n_requests
         rep.agreement[f"{path}: step-1 answer"] = sum(s.initial_answer == p.initial_answer
@@ -124,6 +128,9 @@ def run_throughput_bench(engine: Engine, sequential: Engine, images: Sequence, n
         rep.decode_tok_s[f"ours, {n} sequences decoding"] = ours
         rep.ratios["decode tok/s ours/ceiling"] = ours / ceiling
     rep.ratios[f"ceiling {n} sequences / 1 sequence"] = ceiling / single
+    for path, (wall, prefill, decode) in split.items():
+        rep.notes.append(f"{path} path, sequential: {prefill / wall:.0%} of the time in prefill (prompts, image "
+                         f"positions), {decode / wall:.0%} decoding")
     rep.notes.append(f"ceiling: each of the {n} sequences holds its own {prompt_len}-token prompt (the step-1 "
                      "prompt length), as in ECSO; median of 3 measurements (before, between, after the paths); "
                      "ours is timed over the full path's steps where all sequences decode one token")

@@ -14,7 +14,8 @@ in the next steps, so it never holds the others back for more than one step), an
 `parallel=1` behave exactly as before.
 
 Sharing: a sequence whose prompt starts with the same first piece (the system prompt) as what another sequence
-holds copies those cells (`llama_memory_seq_cp`, metadata only in a unified cache) instead of evaluating them. The
+holds copies those cells (`llama_memory_seq_cp` of the holder's KV stream, then the rest dropped) instead of
+evaluating them. The
 image embedding cache is the Engine's: an image is encoded once, whichever request asks first.
 """
 
@@ -100,11 +101,6 @@ class BatchScheduler:
         self._cancelled = False
         self._last_step_end = time.perf_counter()
         L = engine._L
-        if L.llama_model_n_swa(engine._model) > 0:  # sliding window: batched tokens may overwrite sequence 0's old
-            with engine.lock:                        # cells (SequenceView), so `run` must not reuse them later
-                engine._check_open()
-                L.llama_memory_seq_rm(engine._mem, 0, -1, -1)
-                engine.kv.clear()
         self._batch = L.llama_batch_init(engine.n_batch, 0, 1)
         self._thread = threading.Thread(target=self._loop, name="ecso-batch", daemon=True)
         self._thread.start()
@@ -176,16 +172,23 @@ class BatchScheduler:
         """One llama_decode over the text jobs (decodes first, prefill chunks up to the batch size), then at most
         one image prefill. Returns the jobs that are complete."""
         L, e, b = self.engine._L, self.engine, self._batch
-        # a fixed order (decodes first, then by sequence id), not the order the threads happened to submit in
+        # Budget: single-token decodes first, then prefill chunks up to the batch size (a fixed order, not the order
+        # the threads happened to submit in). Layout: by sequence id, because llama.cpp splits a batch over several
+        # KV streams into micro-batches of consecutive sequences (llama_batch_allocr::split_equal).
         text = sorted((j for j in jobs if j.image is None), key=lambda j: (len(j.tokens) - j.done, j.seq))
         images = sorted((j for j in jobs if j.image is not None), key=lambda j: j.seq)
         finished: list[_Job] = []
-        n = 0
-        rows: list[tuple[_Job, int]] = []
+        takes: list[tuple[_Job, int]] = []
+        budget = e.n_batch
         for job in text:
-            take = min(len(job.tokens) - job.done, e.n_batch - n)
+            take = min(len(job.tokens) - job.done, budget)
             if take <= 0:
                 break
+            takes.append((job, take))
+            budget -= take
+        n = 0
+        rows: list[tuple[_Job, int]] = []
+        for job, take in sorted(takes, key=lambda jt: jt[0].seq):
             for i in range(take):
                 k = job.done + i
                 b.token[n] = job.tokens[k]
@@ -291,10 +294,6 @@ class SequenceView:
         self._engine, self._sched, self.seq, self._views = engine, scheduler, seq, views
         self.kv = PrefixCache()
         self._logits: Optional[np.ndarray] = None
-        # sliding-window attention (Gemma 3): llama.cpp lets any sequence's new tokens overwrite cells that fell out
-        # of a sequence's window, so with other sequences in flight old cells cannot be kept or copied; such a
-        # sequence evaluates each prompt again (the image embeddings stay cached)
-        self._keeps_cells = engine._L.llama_model_n_swa(engine._model) == 0
 
     def __getattr__(self, name):  # the Engine's read-only parts: tokenize, chat_format, n_ctx, config, ...
         return getattr(self._engine, name)
@@ -336,7 +335,13 @@ class SequenceView:
         holders = [(0, e.kv)] + [(s, v.kv) for s, v in self._views.items() if s != self.seq]
         for src, kv in holders:
             if kv.pieces and kv.pieces[0] == first:
-                e._L.llama_memory_seq_cp(e._mem, src, self.seq, 0, first.n_pos)
+                # each sequence has its own KV stream (Engine._load): llama.cpp copies whole streams only (a partial
+                # cross-stream copy aborts, llamacpp-notes P14), so take the holder's stream and drop what follows
+                # the system prompt. This sequence is empty here (prefill rolled it back to 0).
+                e._L.llama_memory_seq_cp(e._mem, src, self.seq, -1, -1)
+                if not e._L.llama_memory_seq_rm(e._mem, self.seq, first.n_pos, -1):
+                    self.clear()
+                    return 0
                 self.kv.append(first)
                 return first.n_pos
         return 0
@@ -351,7 +356,7 @@ class SequenceView:
         e = self._engine
         t0 = time.perf_counter()
         with e.lock:
-            if reuse and self._keeps_cells:
+            if reuse:
                 keep = self.kv.common_prefix(prompt.pieces)
                 if keep >= prompt.n_pos:
                     keep = prompt.n_pos - prompt.pieces[-1].n_pos

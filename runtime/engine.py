@@ -239,7 +239,10 @@ class Engine:
         cp.n_ctx = cfg.n_ctx * slots
         cp.n_batch = cp.n_ubatch = min(cfg.n_batch, cfg.n_ctx)
         cp.n_seq_max = cfg.parallel + 1 if cfg.parallel > 1 else 2
-        cp.kv_unified = True  # seq_cp/seq_rm on partial ranges need a unified cache (llamacpp-notes P14)
+        # parallel=1: one unified cache (partial seq_cp/seq_rm, llamacpp-notes P14), today's bit-exact path.
+        # parallel>1: one KV stream per sequence. In a unified cache every token attends over the cells of every
+        # sequence (masked, but computed): with 4 requests in flight a decode step cost ~2.4x more (issue 14).
+        cp.kv_unified = cfg.parallel <= 1
         cp.n_threads = cp.n_threads_batch = self.n_threads
         if cfg.kv_f32:
             cp.type_k = cp.type_v = 0  # GGML_TYPE_F32

@@ -8,16 +8,7 @@ from typing import Callable, Optional
 
 import click
 
-def prefer_short_openmp_spin() -> None:
-    """llama.cpp's OpenMP threads spin while they wait (libgomp: 300k spins). When other programs load the CPU,
-    spinning threads steal time from working ones. Measured on 2 cores, decode tokens/s (quiet / two busy loops):
-    default spin 108 / 25, OMP_WAIT_POLICY=PASSIVE 28 / 56, GOMP_SPINCOUNT=1000 126 / 46. So a short spin is the
-    default here; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. Must run before llama_cpp loads."""
-    import os
-
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
+from ecso.runtime.native import prefer_short_openmp_spin  # noqa: F401  (re-exported for the commands)
 
 VERBOSE_HELP = ("-v: ecso's own detail (ecso-run: a step trace with reuse and timings); -vv: also llama.cpp's logs. "
                 "The same meaning for every command.")

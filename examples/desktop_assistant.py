@@ -12,19 +12,13 @@ thread, and one more question to show the model is still usable after the cancel
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-# llama.cpp's OpenMP threads spin while they wait; on a machine busy with other work a short spin is much faster
-# (README, Benchmarks). Must be set before llama.cpp loads; the user's own setting wins.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
-import ecso  # noqa: E402
+import ecso
 
 HERE = Path(__file__).resolve().parent
 

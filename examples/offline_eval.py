@@ -14,21 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-# llama.cpp's OpenMP threads spin while they wait; on a machine busy with other work a short spin is much faster
-# (README, Benchmarks). Must be set before llama.cpp loads; the user's own setting wins.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
-from ecso.eval import store  # noqa: E402
-from ecso.eval.report import write_report  # noqa: E402
-from ecso.eval.runner import EvalConfig, JudgeSpec, run_eval  # noqa: E402
-from ecso.models.registry import locate  # noqa: E402
-from ecso.runtime import EcsoOptions, EngineConfig  # noqa: E402
+from ecso.eval import store
+from ecso.eval.report import write_report
+from ecso.eval.runner import EvalConfig, JudgeSpec, run_eval
+from ecso.models.registry import locate
+from ecso.runtime import EcsoOptions, EngineConfig
 
 HERE = Path(__file__).resolve().parent
 QUESTIONS = [  # (id, image, category, query)

@@ -19,9 +19,10 @@ import pytest
 _SESSION_HOME = tempfile.mkdtemp(prefix="ecso-test-home-")
 os.environ["ECSO_HOME"] = _SESSION_HOME
 atexit.register(shutil.rmtree, _SESSION_HOME, True)
-# as the CLI does (cli/common.py): OpenMP threads spin only briefly, so a loaded CI machine does not stall llama.cpp
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# as the CLI and Engine do (runtime/native.py): OpenMP threads spin briefly, in every thread that runs llama.cpp
+from ecso.runtime.native import prefer_short_openmp_spin  # noqa: E402
+
+prefer_short_openmp_spin()
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

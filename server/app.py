@@ -423,6 +423,7 @@ class _Exchange:
             if isinstance(ev, _End):
                 raise ev.error or ApiError(500, "the ECSO request ended without a result", "engine_error")
             if ev.kind == "result":
+                await self.job.finished.wait()  # the slot is free before the client can send its next request
                 self.state.count("answered")
                 return self.ids.completion(ev.result, self._summary(ev.result)).model_dump()
 
@@ -470,6 +471,7 @@ class _Exchange:
                     yield self._data(self.ids.chunk(Delta(), finish_reason(r), ecso=self._summary(r)).dump())
                     if self.req.include_usage:
                         yield self._data(self.ids.chunk(None, usage=usage(r)).dump())
+                    await self.job.finished.wait()  # as in reply(): the slot is free before the stream ends
                     yield {"data": "[DONE]"}
                     ended = True
                     self.state.count("answered")

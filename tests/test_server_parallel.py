@@ -178,15 +178,22 @@ def test_a_client_leaving_frees_its_slot_and_kv_sequence_for_the_next_request(de
 # ------------------------------------------------------------------------- tiny f32 LLaVA: exact batched texts
 def test_different_images_and_queries_in_flight_together_get_exactly_their_lone_answers(tiny):
     """On the f32 tiny LLaVA batching is exact (tests/test_batch.py), so all four steps' texts must equal the same
-    request served alone: a token or image of another request in flight would change them."""
+    request served alone: a token or image of another request in flight would change them. One of the four is
+    streamed (its events come through the pool), one carries an earlier turn as history."""
     cfg = EngineConfig(model=str(tiny.llm), mmproj=str(tiny.mmproj), n_ctx=512, kv_f32=True, flash_attn=False,
                        n_threads=2, parallel=4)
     opts = EcsoOptions(max_tokens=16, caption_max_tokens=16, judge_max_tokens=8)
     with Engine(cfg) as eng, EcsoServer(eng, opts, ServerConfig(port=0, log=False)).start() as s:
         def send(i: int):
             query, png = REQUESTS[i]
-            body = {"messages": _user(query, png or good_png(seed=104)), "max_tokens": 16, "ecso": ALWAYS_UNSAFE}
-            return request(s.port, "POST", "/v1/chat/completions", body).json()
+            messages = _user(query, png or good_png(seed=104))
+            if i == 2:
+                messages = [{"role": "user", "content": "Hello there."},
+                            {"role": "assistant", "content": "Hello! Ask me about an image."}] + messages
+            body = {"messages": messages, "max_tokens": 16, "ecso": ALWAYS_UNSAFE, "stream": i == 1}
+            reply = request(s.port, "POST", "/v1/chat/completions", body)
+            assert reply.status == 200, reply.body[:300]
+            return _streamed(reply.body) if i == 1 else reply.json()
 
         alone = [send(i) for i in range(4)]
         # a tiny request takes milliseconds: hold each one at its first evaluation until all four have a slot, so
@@ -201,6 +208,7 @@ def test_different_images_and_queries_in_flight_together_get_exactly_their_lone_
                 t.join()
         finally:
             eng.observer = None
+    assert together[1]["chunks"] > 3 and together[2]["ecso"]["turns_dropped"] == 0
     for a, t in zip(alone, together):
         assert t["ecso"]["slot"]["max_concurrent"] == 4
         assert [x["name"] for x in t["ecso"]["timings"]["steps"]] == ["answer", "judge", "caption", "regenerate"]
@@ -208,3 +216,18 @@ def test_different_images_and_queries_in_flight_together_get_exactly_their_lone_
                (a["choices"][0]["message"]["content"], a["ecso"]["caption"], a["ecso"]["unsafe"])
         assert t["ecso"]["judge_score"] == pytest.approx(a["ecso"]["judge_score"], abs=1e-5)
     assert len({t["choices"][0]["message"]["content"] for t in together}) > 1  # the requests really differ
+
+
+def _streamed(body: bytes) -> dict:
+    """An SSE reply read back into the shape of a JSON one: the streamed text, and the final chunk's `ecso`."""
+    import json
+
+    text, ecso, chunks = "", None, 0
+    for line in body.decode().splitlines():
+        if line.startswith("data: {"):
+            chunk = json.loads(line[6:])
+            chunks += 1
+            for choice in chunk.get("choices", []):
+                text += choice["delta"].get("content") or ""
+            ecso = chunk.get("ecso") or ecso
+    return {"choices": [{"message": {"content": text}}], "ecso": ecso, "chunks": chunks}

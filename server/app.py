@@ -148,8 +148,8 @@ class _End:
 class Job:
     """One ECSO request in a worker thread, in its queue slot: on the engine itself (one slot), or on a KV sequence
     of the server's BatchPool (N slots). Its StepEvents cross to the event loop through an asyncio queue;
-    `cancel()` stops it at the next decode batch or token. The slot is released only when the worker has really
-    let go of the engine (or of its sequence)."""
+    `cancel()` stops it at its next decode batch or token (on a pool sequence: its next prompt piece or token).
+    The slot is released only when the worker has really let go of the engine (or of its sequence)."""
 
     def __init__(self, state: "ServerState", req: ChatRequest, slot: int):
         self.state, self.req, self.slot = state, req, slot

@@ -32,8 +32,12 @@ from ecso.cli.common import engine_config, friendly_errors, model_options
 @click.option("--stream-mode", type=click.Choice(["held", "live"]), default="held", show_default=True,
               help="held: a streamed first answer is held back until the judge clears it (nothing unsafe is "
                    "ever sent); live: stream at once, and if judged unsafe say so and stream the new answer.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Slots: requests run at once, each on its own KV sequence, sharing every decode step "
+                   "(throughput; replies can differ from a lone run in the last bits, see the README). "
+                   "1: one request at a time, exactly as `ecso-run`.")
 @click.option("--max-waiting", type=int, default=8, show_default=True,
-              help="Requests that may wait for the model; more get 429 at once.")
+              help="Requests that may wait while every slot is busy; more get 429 at once.")
 @click.option("--queue-timeout", type=float, default=300.0, show_default=True,
               help="Seconds a request may wait for the model before a 503.")
 @click.option("--max-body-mb", type=float, default=32.0, show_default=True, help="Request body limit (413 above).")
@@ -51,7 +55,7 @@ from ecso.cli.common import engine_config, friendly_errors, model_options
               help="Seconds a client may take to send its request headers, and again its body (then 408).")
 @click.option("--quiet", is_flag=True, help="No per-request log lines.")
 @friendly_errors
-def command(host, port, api_key, model_name, max_tokens, judge, decision_rule, stream_mode, max_waiting,
+def command(host, port, api_key, model_name, max_tokens, judge, decision_rule, stream_mode, parallel, max_waiting,
             queue_timeout, max_body_mb, max_image_mb, image_cache, allow_file_dir, allow_domain, allow_host,
             read_timeout, quiet, **model_kw):
     """Serve the model as an OpenAI-compatible API with ECSO on every answer.
@@ -69,6 +73,7 @@ def command(host, port, api_key, model_name, max_tokens, judge, decision_rule, s
     Examples:
       ecso serve                                   # the demo model on 127.0.0.1:8080
       ecso serve --model llava-1.5-7b --port 8000
+      ecso serve --parallel 4                      # 4 requests at once, batched
       ecso serve --model llm.gguf --mmproj mmproj.gguf --api-key "$KEY"
     """
     _require_server_extra()
@@ -78,7 +83,7 @@ def command(host, port, api_key, model_name, max_tokens, judge, decision_rule, s
     options = EcsoOptions(judge=judge, decision_rule=decision_rule, max_tokens=max_tokens,
                           caption_max_tokens=max_tokens)
     options.validate()
-    cfg = dataclasses.replace(engine_config(**model_kw), image_cache_entries=image_cache)
+    cfg = dataclasses.replace(engine_config(**model_kw), image_cache_entries=image_cache, parallel=parallel)
     name = model_name or _model_name(model_kw["model"])
     media = MediaPolicy(max_image_bytes=int(max_image_mb * 1024 * 1024), allow_file_dirs=tuple(allow_file_dir),
                         allow_domains=tuple(allow_domain))
@@ -89,7 +94,8 @@ def command(host, port, api_key, model_name, max_tokens, judge, decision_rule, s
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
     with Engine(cfg) as engine:
         server = EcsoServer(engine, options, config)
-        click.echo(f"ecso: serving {name} at {server.url} (OpenAI-compatible; the page: {server.url[:-3]}/ ; "
+        slots = f"{parallel} slots, " if parallel > 1 else ""
+        click.echo(f"ecso: serving {name} at {server.url} ({slots}OpenAI-compatible; the page: {server.url[:-3]}/ ; "
                    "Ctrl-C to stop)")
         try:
             server.serve_forever()

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequen
 import numpy as np
 
 from ecso.runtime.engine import Engine, Generation, PrefillStats, Prompt, Sampler, Sampling
-from ecso.runtime.errors import ContextOverflowError, EcsoError, EngineError, InputError
+from ecso.runtime.errors import Cancelled, ContextOverflowError, EcsoError, EngineError, InputError
 from ecso.runtime.images import CachedEmbedding, ImageSource
 from ecso.runtime.kv import PrefixCache, TextPiece, suffix_after
 from ecso.runtime.media import ImageChunk
@@ -294,6 +294,8 @@ class SequenceView:
         self._engine, self._sched, self.seq, self._views = engine, scheduler, seq, views
         self.kv = PrefixCache()
         self._logits: Optional[np.ndarray] = None
+        # BatchPool.run's caller may stop its request: checked before each evaluation (prompt piece, image, token)
+        self.should_cancel: Optional[Callable[[], bool]] = None
 
     def __getattr__(self, name):  # the Engine's read-only parts: tokenize, chat_format, n_ctx, config, ...
         return getattr(self._engine, name)
@@ -385,6 +387,7 @@ class SequenceView:
                             entry.embd = embd
                 if e.observer is not None:
                     e.observer("image", entry.n_pos, pos)
+                self._check_cancel()
                 self._sched.evaluate(_Job(self.seq, pos, image=(entry, embd)))
                 self._logits = None
             with e.lock:
@@ -392,9 +395,14 @@ class SequenceView:
             pos += piece.n_pos
         return PrefillStats(prompt.n_pos, keep, prompt.n_pos - keep, encodes, time.perf_counter() - t0, t_enc)
 
+    def _check_cancel(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise Cancelled("the request was cancelled")
+
     def _evaluate(self, job: _Job) -> None:
         if self._engine.observer is not None:
             self._engine.observer("text", tuple(job.tokens), job.pos0)
+        self._check_cancel()
         self._logits = self._sched.evaluate(job).logits
 
     @property
@@ -548,7 +556,9 @@ class BatchPool:
 
     def run(self, image: Optional[ImageSource], query: str, options: "EcsoOptions",
             on_event: Optional[Callable] = None, heads: Optional["Heads"] = None,
-            history: Sequence[Message] = ()) -> "Result":
+            history: Sequence[Message] = (), should_cancel: Optional[Callable[[], bool]] = None) -> "Result":
+        """`should_cancel`: checked before each evaluation of this request (prompt piece, image, token); True stops
+        it with `Cancelled`, and its sequence is emptied and free for the next call."""
         from ecso.runtime.ecso import Heads, prepare_request
 
         with self._cond:
@@ -557,12 +567,14 @@ class BatchPool:
                 raise EngineError("the batch pool is closed")
             view = self._views[self._free.pop(0)]
             self.scheduler.join()
+        view.should_cancel = should_cancel
         try:
             return prepare_request(view, image, query, options, on_event, heads or Heads(), history).run()
         except BaseException:
             view.clear()  # may hold a torn prompt
             raise
         finally:
+            view.should_cancel = None
             self.scheduler.leave()
             with self._cond:
                 self._free.append(view.seq)

@@ -1,10 +1,12 @@
 """The ASGI app (Starlette + sse-starlette + pydantic): `POST /v1/chat/completions`, `GET /v1/models`,
 `GET /health`, and the page at `/`.
 
-One engine serves one request at a time. Requests wait in a bounded FIFO queue in front of it: when it is full they
-get 429 at once, and one that waited longer than the queue timeout gets 503. Each admitted request runs in a worker
-thread holding the engine; it is cancelled (the runtime's `should_cancel` hook, checked per decode batch and token)
-as soon as its client goes away, whether it is queued, in prefill, judging, captioning or streaming.
+The engine serves N requests at once ("slots": N = the engine's `parallel`, 1 by default). Requests wait in a
+bounded FIFO queue in front of the slots: when it is full they get 429 at once, and one that waited longer than the
+queue timeout gets 503. Each admitted request runs in a worker thread: with one slot it holds the engine (`run`), with
+N it runs on its own KV sequence through a `BatchPool`, sharing each llama_decode with the others in flight. It is
+cancelled (the runtime's `should_cancel` hook) as soon as its client goes away, whether it is queued, in prefill,
+judging, captioning or streaming; its slot and KV sequence are then free for the next request.
 
 Streaming keeps ECSO's promise: in `held` mode the first answer is held back until the judge clears it, so an answer
 judged unsafe never reaches the client; `live` streams it at once and, if it is judged unsafe, says so and streams
@@ -39,11 +41,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ecso.runtime import EcsoOptions, Engine, Heads, Result, StepEvent, run
+from ecso.runtime.batch import BatchPool
 from ecso.runtime.errors import Cancelled
 from ecso.server.chat import (ChatRequest, ReplyIds, api_error_from, ecso_summary, finish_reason, parse_chat_request,
                               step_timing, usage)
 from ecso.server.media import MediaPolicy
-from ecso.server.schemas import ApiError, Delta, ModelCard, ModelList
+from ecso.server.schemas import ApiError, Delta, ModelCard, ModelList, SlotInfo
 
 LIVE_UNSAFE_NOTICE = "\n\n[ecso: the answer above was judged unsafe; answering again without the image]\n\n"
 STREAM_MODES = ("held", "live")
@@ -57,7 +60,7 @@ class ServerConfig:
     model_name: str = "ecso"  # the id clients see in /v1/models and in replies
     api_key: Optional[str] = None  # when set, every /v1 request needs `Authorization: Bearer <key>`
     max_body_bytes: int = 32 * 1024 * 1024  # a 20 MB image is ~27 MB as base64
-    max_waiting: int = 8  # requests that may wait while one runs; more are refused with 429
+    max_waiting: int = 8  # requests that may wait while every slot runs one; more are refused with 429
     queue_timeout: float = 300.0  # seconds a request may wait for the engine before a 503
     read_timeout: float = 30.0  # seconds to receive the headers, and again the body (slow clients are cut off)
     stream_mode: str = "held"
@@ -86,12 +89,16 @@ class QueueTimeout(Exception):
 
 
 class RequestQueue:
-    """FIFO admission in front of the engine: one request runs, up to `max_waiting` wait, the rest are refused.
-    Lives on the event loop (asyncio.Lock wakes waiters in arrival order)."""
+    """FIFO admission in front of the engine's slots: up to `slots` requests run, up to `max_waiting` wait, the rest
+    are refused. Lives on the event loop (asyncio.Semaphore wakes waiters in arrival order). `enter` hands each
+    running request a slot number 1..slots, so replies and /health can say which slot served it."""
 
-    def __init__(self, max_waiting: int, timeout: float):
-        self.max_waiting, self.timeout = max_waiting, timeout
-        self._turn = asyncio.Lock()
+    def __init__(self, max_waiting: int, timeout: float, slots: int = 1):
+        if slots < 1:
+            raise ValueError("a queue needs at least one slot")
+        self.max_waiting, self.timeout, self.slots = max_waiting, timeout, slots
+        self._turn = asyncio.Semaphore(slots)
+        self._free = list(range(1, slots + 1))
         self.admitted = 0  # running + waiting
         self.running = 0
 
@@ -99,9 +106,9 @@ class RequestQueue:
     def waiting(self) -> int:
         return self.admitted - self.running
 
-    async def enter(self) -> None:
-        """Returns when it is this request's turn; raises QueueFull or QueueTimeout."""
-        if self.admitted > self.max_waiting:
+    async def enter(self) -> int:
+        """Returns this request's slot when it is its turn; raises QueueFull or QueueTimeout."""
+        if self.admitted >= self.slots + self.max_waiting:
             raise QueueFull()
         self.admitted += 1
         try:
@@ -112,11 +119,13 @@ class RequestQueue:
         except BaseException:
             self.admitted -= 1
             raise
-        self.running = 1
+        self.running += 1
+        return self._free.pop(0)
 
-    def leave(self) -> None:
-        self.running = 0
+    def leave(self, slot: int) -> None:
+        self.running -= 1
         self.admitted -= 1
+        self._free.append(slot)
         self._turn.release()
 
 
@@ -137,30 +146,42 @@ class _End:
 
 
 class Job:
-    """One ECSO request on the engine, in a worker thread. Its StepEvents cross to the event loop through an
-    asyncio queue; `cancel()` stops it at the next decode batch or token. The queue slot is released only when the
-    worker has really let go of the engine."""
+    """One ECSO request in a worker thread, in its queue slot: on the engine itself (one slot), or on a KV sequence
+    of the server's BatchPool (N slots). Its StepEvents cross to the event loop through an asyncio queue;
+    `cancel()` stops it at its next decode batch or token (on a pool sequence: its next prompt piece or token).
+    The slot is released only when the worker has really let go of the engine (or of its sequence)."""
 
-    def __init__(self, state: "ServerState", req: ChatRequest):
-        self.state, self.req = state, req
+    def __init__(self, state: "ServerState", req: ChatRequest, slot: int):
+        self.state, self.req, self.slot = state, req, slot
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self._cancel = threading.Event()
         self.finished = asyncio.Event()
+        self.max_concurrent = 0  # most requests running at once while this one ran (itself included)
 
     def start(self) -> None:
-        self.state.jobs.add(self)
-        threading.Thread(target=self._work, name="ecso-request", daemon=True).start()
+        jobs = self.state.jobs
+        jobs.add(self)
+        for job in jobs:  # on the event loop, as is _done: no lock needed
+            job.max_concurrent = max(job.max_concurrent, len(jobs))
+        threading.Thread(target=self._work, name=f"ecso-slot{self.slot}", daemon=True).start()
 
     def cancel(self) -> None:
         self._cancel.set()
+
+    def slot_info(self) -> SlotInfo:
+        return SlotInfo(index=self.slot, slots=self.state.queue.slots, max_concurrent=self.max_concurrent)
 
     def _work(self) -> None:
         error: Optional[BaseException] = None
         try:
             r, s = self.req, self.state
-            run(s.engine, r.image, r.query, r.options, self._emit, s.heads, r.history,
-                should_cancel=self._cancel.is_set)
+            if s.pool is None:
+                run(s.engine, r.image, r.query, r.options, self._emit, s.heads, r.history,
+                    should_cancel=self._cancel.is_set)
+            else:
+                s.pool.run(r.image, r.query, r.options, self._emit, s.heads, r.history,
+                           should_cancel=self._cancel.is_set)
         except Cancelled:
             pass
         except BaseException as e:  # handed to the request's coroutine
@@ -175,7 +196,7 @@ class Job:
 
     def _done(self, error: Optional[BaseException]) -> None:
         self.state.jobs.discard(self)
-        self.state.queue.leave()
+        self.state.queue.leave(self.slot)
         self.finished.set()
         self.events.put_nowait(_End(error))
 
@@ -206,7 +227,8 @@ class ServerState:
     stats: ServerStats = field(default_factory=ServerStats)
     created: int = field(default_factory=lambda: int(time.time()))
     decoding: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
-    jobs: set = field(default_factory=set)  # running Jobs (at most one), cancelled when the server stops
+    jobs: set = field(default_factory=set)  # running Jobs (at most one per slot), cancelled when the server stops
+    pool: Optional[BatchPool] = None  # the slots' KV sequences when the engine is loaded with parallel > 1
 
     @property
     def fingerprint(self) -> str:
@@ -219,6 +241,8 @@ class ServerState:
         return {"status": "ok", "model": self.config.model_name,
                 "queue": {"running": self.queue.running, "waiting": self.queue.waiting,
                           "max_waiting": self.queue.max_waiting},
+                "slots": {"total": self.queue.slots, "busy": self.queue.running,
+                          "free": self.queue.slots - self.queue.running, "batched": self.pool is not None},
                 "counts": dict(vars(self.stats)), "image_cache_entries": len(self.engine.image_cache)}
 
 
@@ -345,8 +369,8 @@ async def _chat(request: Request, state: ServerState) -> Response:
     streaming = False
     try:
         t0 = time.perf_counter()
-        await _enter_queue(state, gone)
-        job = Job(state, req)
+        slot = await _enter_queue(state, gone)
+        job = Job(state, req, slot)
         job.start()
         ids = ReplyIds("chatcmpl-" + uuid.uuid4().hex[:24], state.config.model_name, state.fingerprint)
         exchange = _Exchange(state, job, ids, time.perf_counter() - t0)
@@ -361,22 +385,23 @@ async def _chat(request: Request, state: ServerState) -> Response:
             gone.cancel()
 
 
-async def _enter_queue(state: ServerState, gone: asyncio.Future) -> None:
+async def _enter_queue(state: ServerState, gone: asyncio.Future) -> int:
+    """This request's slot, once it has one; 429 / 503 when refused, _ClientGone if the client left meanwhile."""
     enter = asyncio.ensure_future(state.queue.enter())
     await asyncio.wait({enter, gone}, return_when=asyncio.FIRST_COMPLETED)
     if not enter.done():
         enter.cancel()
         try:
-            await enter
-            state.queue.leave()  # got the turn just as the client left
+            state.queue.leave(await enter)  # got the turn just as the client left
         except (asyncio.CancelledError, QueueFull, QueueTimeout):
             pass
         raise _ClientGone()
     try:
-        enter.result()
+        return enter.result()
     except QueueFull:
-        raise ApiError(429, f"the server is busy: {state.queue.max_waiting} requests are already waiting; retry "
-                       "shortly", "queue_full", headers={"Retry-After": "1"}) from None
+        raise ApiError(429, f"the server is busy: all {state.queue.slots} slot(s) are running and "
+                       f"{state.queue.max_waiting} requests are already waiting; retry shortly", "queue_full",
+                       headers={"Retry-After": "1"}) from None
     except QueueTimeout:
         raise ApiError(503, f"waited {state.queue.timeout:.0f} s for the model without a turn; retry later",
                        "queue_timeout", headers={"Retry-After": "5"}) from None
@@ -398,11 +423,12 @@ class _Exchange:
             if isinstance(ev, _End):
                 raise ev.error or ApiError(500, "the ECSO request ended without a result", "engine_error")
             if ev.kind == "result":
+                await self.job.finished.wait()  # the slot is free before the client can send its next request
                 self.state.count("answered")
                 return self.ids.completion(ev.result, self._summary(ev.result)).model_dump()
 
     def _summary(self, result: Result):
-        return ecso_summary(result, self.queue_seconds, self.req.turns_dropped)
+        return ecso_summary(result, self.queue_seconds, self.req.turns_dropped, self.job.slot_info())
 
     async def first_events(self, gone: asyncio.Future) -> list:
         """Events up to the first one after step 1's prefill: a request the runtime refuses at once (too long for
@@ -445,6 +471,7 @@ class _Exchange:
                     yield self._data(self.ids.chunk(Delta(), finish_reason(r), ecso=self._summary(r)).dump())
                     if self.req.include_usage:
                         yield self._data(self.ids.chunk(None, usage=usage(r)).dump())
+                    await self.job.finished.wait()  # as in reply(): the slot is free before the stream ends
                     yield {"data": "[DONE]"}
                     ended = True
                     self.state.count("answered")

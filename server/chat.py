@@ -23,7 +23,7 @@ from ecso.runtime.errors import ContextOverflowError, EcsoError, ImageError, Inp
 from ecso.server.media import MediaPolicy, fetch_image
 from ecso.server.schemas import (ApiError, AssistantMessage, ChatCompletion, ChatCompletionChunk,
                                  ChatCompletionRequest, ChatMessage, Choice, ChunkChoice, Delta, EcsoSummary,
-                                 StepTiming, Timings, Usage, validation_error)
+                                 SlotInfo, StepTiming, Timings, Usage, validation_error)
 
 
 @dataclass(frozen=True)
@@ -176,12 +176,12 @@ def step_timing(s) -> StepTiming:
                       image_encodes=s.image_encodes)
 
 
-def ecso_summary(result: Result, queue_seconds: float, turns_dropped: int) -> EcsoSummary:
+def ecso_summary(result: Result, queue_seconds: float, turns_dropped: int, slot: SlotInfo) -> EcsoSummary:
     return EcsoSummary(
         unsafe=result.unsafe, judge=result.judge, judge_reply=result.judge_reply, judge_score=result.judge_score,
         caption=result.caption, retracted=result.retracted, image_encodes=result.image_encodes,
         image_cache_hit=result.image_cache_hit, prompt_version=result.prompt_version,
-        decision_rule=result.decision_rule, turns_dropped=turns_dropped,
+        decision_rule=result.decision_rule, turns_dropped=turns_dropped, slot=slot,
         timings=Timings(queue_seconds=round(queue_seconds, 4), total_seconds=round(result.seconds, 4),
                         steps=[step_timing(s) for s in result.steps]))
 

@@ -20,6 +20,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ecso.runtime import EcsoOptions, Engine, Heads
+from ecso.runtime.batch import BatchPool
 from ecso.runtime.errors import InputError
 from ecso.server.app import STREAM_MODES, RequestQueue, ServerConfig, ServerState, create_app, is_loopback
 from ecso.server.schemas import ApiError
@@ -85,7 +86,7 @@ def guarded_protocol(read_timeout: float, max_connections: int) -> type:
 
 
 class EcsoServer:
-    """Serves one Engine. `start()` runs it in a background thread (tests, apps); `serve_forever()` blocks.
+    """Serves one Engine, with as many slots (requests running at once) as the engine's `parallel`. `start()` runs it in a background thread (tests, apps); `serve_forever()` blocks.
 
         with EcsoServer(engine, EcsoOptions(max_tokens=256), ServerConfig(port=0)).start() as server:
             print(server.url)  # http://127.0.0.1:PORT/v1
@@ -100,8 +101,9 @@ class EcsoServer:
                              "use the model; pass --api-key (or ECSO_API_KEY), or bind 127.0.0.1")
         options.validate()
         self.config = config
+        slots = engine.config.parallel  # one slot per KV sequence the engine was loaded with
         self.state = ServerState(engine, options, config, heads,
-                                 RequestQueue(config.max_waiting, config.queue_timeout),
+                                 RequestQueue(config.max_waiting, config.queue_timeout, slots),
                                  decoding=asyncio.Semaphore(max(1, config.max_decoding)))
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
@@ -113,6 +115,8 @@ class EcsoServer:
             self._sock.close()
             raise InputError(f"cannot listen on {config.host}:{config.port} ({e.strerror or e}); "
                              "pick another --port") from None
+        if slots > 1:  # after the bind: a failed start leaves no scheduler thread behind
+            self.state.pool = BatchPool(engine)
         uv = uvicorn.Config(create_app(self.state), http=guarded_protocol(config.read_timeout, config.max_connections),
                             lifespan="off", access_log=config.log, log_level="info" if config.log else "warning",
                             timeout_keep_alive=5, timeout_graceful_shutdown=5, server_header=False)
@@ -155,12 +159,18 @@ class EcsoServer:
                 job.cancel()
 
     def close(self) -> None:
-        """Stops accepting requests and closes the socket (the engine is the caller's)."""
+        """Stops accepting requests, closes the socket and (with slots) the batch pool, once its requests have
+        stopped; the engine is the caller's."""
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(30)
             self._thread = None
         self._sock.close()
+        pool, self.state.pool = self.state.pool, None
+        if pool is not None:
+            for job in list(self.state.jobs):
+                job.cancel()
+            pool.close()
 
     def __enter__(self) -> "EcsoServer":
         return self

@@ -185,6 +185,15 @@ class Timings(BaseModel):
     steps: list[StepTiming]
 
 
+class SlotInfo(BaseModel):
+    """Where a request ran: slot `index` of `slots` (`ecso serve --parallel`), and the most requests that ran at
+    once while it did (itself included; above 1 means it shared decode steps with others when slots > 1)."""
+
+    index: int
+    slots: int
+    max_concurrent: int
+
+
 class EcsoSummary(BaseModel):
     """The extra `ecso` object on replies: verdict, judge reply, caption, timings. Never the unsafe first answer."""
 
@@ -199,6 +208,7 @@ class EcsoSummary(BaseModel):
     prompt_version: str
     decision_rule: str
     turns_dropped: int
+    slot: SlotInfo
     timings: Timings
 
 

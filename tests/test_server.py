@@ -185,13 +185,13 @@ def test_connections_beyond_the_limit_get_503_and_free_slots_are_reused(engine):
 def test_request_queue_is_first_in_first_out_and_bounded():
     async def scenario() -> list[int]:
         q = RequestQueue(max_waiting=3, timeout=10)
-        await q.enter()
+        first = await q.enter()
         order: list[int] = []
 
         async def waiter(i: int) -> None:
-            await q.enter()
+            slot = await q.enter()
             order.append(i)
-            q.leave()
+            q.leave(slot)
 
         tasks = []
         for i in range(3):
@@ -200,7 +200,7 @@ def test_request_queue_is_first_in_first_out_and_bounded():
                 await asyncio.sleep(0.001)
         with pytest.raises(QueueFull):
             await q.enter()
-        q.leave()
+        q.leave(first)
         await asyncio.gather(*tasks)
         assert q.running == 0 and q.waiting == 0
         q2 = RequestQueue(max_waiting=1, timeout=0.05)
@@ -211,6 +211,25 @@ def test_request_queue_is_first_in_first_out_and_bounded():
         return order
 
     assert asyncio.run(scenario()) == [0, 1, 2]
+
+
+def test_request_queue_with_slots_runs_that_many_and_hands_out_distinct_slots():
+    async def scenario() -> None:
+        q = RequestQueue(max_waiting=1, timeout=10, slots=3)
+        slots = [await q.enter() for _ in range(3)]  # no wait: three slots
+        assert sorted(slots) == [1, 2, 3] and q.running == 3 and q.waiting == 0
+        waiter = asyncio.ensure_future(q.enter())
+        while q.waiting == 0:
+            await asyncio.sleep(0.001)
+        with pytest.raises(QueueFull):  # 3 running + 1 waiting
+            await q.enter()
+        q.leave(slots[1])
+        assert await waiter == slots[1] and q.running == 3  # the freed slot goes to the waiter
+        for s in (slots[0], slots[1], slots[2]):
+            q.leave(s)
+        assert q.running == 0 and q.admitted == 0
+
+    asyncio.run(scenario())
 
 
 def test_public_bind_needs_an_api_key(engine):

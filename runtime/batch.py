@@ -21,7 +21,6 @@ image embedding cache is the Engine's: an image is encoded once, whichever reque
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import queue
 import threading
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequen
 
 import numpy as np
 
-from ecso.runtime.engine import Engine, Generation, PrefillStats, Prompt, Sampler, Sampling
+from ecso.runtime.engine import Engine, Generation, PrefillStats, Prompt, Sampler, Sampling, generate_tokens
 from ecso.runtime.errors import Cancelled, ContextOverflowError, EcsoError, EngineError, InputError
 from ecso.runtime.images import CachedEmbedding, ImageSource
 from ecso.runtime.kv import PrefixCache, TextPiece, suffix_after
@@ -429,40 +428,10 @@ class SequenceView:
                  should_stop: Optional[Callable[[list[int]], bool]] = None,
                  first_token: Optional[int] = None, sampler: Optional[Sampler] = None) -> Generation:
         """As Engine.generate: each accepted token is one single-token job, batched with the other sequences."""
-        e, L = self._engine, self._engine._L
-        t0 = time.perf_counter()
-        own = Sampler(L, sampling) if sampler is None else None
-        chain = (own or sampler).ptr
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        out: list[int] = []
-        raw = b""
-        finish = "length"
-        try:
-            while len(out) < sampling.max_tokens:
-                if first_token is not None:
-                    tok, first_token = first_token, None
-                else:
-                    tok = _sample(e, chain, self.logits())
-                if e._vocab.ends_generation(tok):
-                    finish = "stop"
-                    break
-                if self.kv.n_pos >= e.n_ctx:
-                    break
-                piece = e.token_bytes(tok)
-                raw += piece
-                out.append(tok)
-                self.append_tokens((tok,))
-                if on_text is not None:
-                    delta = utf8.decode(piece)
-                    if delta:
-                        on_text(delta)
-                if should_stop is not None and should_stop(out):
-                    finish = "aborted"
-                    break
-        finally:
-            if own is not None:
-                own.close()
-        return Generation(out, raw.decode("utf-8", errors="replace"), finish, time.perf_counter() - t0)
+        e = self._engine
+        return generate_tokens(e, sampling, lambda chain: _sample(e, chain, self.logits()),
+                               lambda tok: self.append_tokens((tok,)), lambda: self.kv.n_pos, on_text, should_stop,
+                               first_token, sampler)
 
 
 Outcome = Union["Result", BaseException]  # an EcsoError when the request failed

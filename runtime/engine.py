@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -161,6 +161,49 @@ def _public(method):
 
 def _split_at(tokens: list[int], cut: int) -> list[Piece]:
     return [TextPiece(tuple(t)) for t in (tokens[:cut], tokens[cut:]) if t]
+
+
+def generate_tokens(engine: "Engine", sampling: Sampling, sample: Callable[[Any], int], feed: Callable[[int], None],
+                    n_past: Callable[[], int], on_text: Optional[Callable[[str], None]] = None,
+                    should_stop: Optional[Callable[[list[int]], bool]] = None, first_token: Optional[int] = None,
+                    sampler: Optional[Sampler] = None) -> Generation:
+    """The token loop of `Engine.generate`, shared with batched sequences (runtime/batch.py), which differ only in
+    how a token is sampled (`sample(chain)`: from sequence 0's logits, or from a copied row) and fed back
+    (`feed(tok)`: a decode on sequence 0, or a job for the batch scheduler). Stops at end of turn, max_tokens, the
+    context end, or when `should_stop(tokens)` says so."""
+    t0 = time.perf_counter()
+    own = Sampler(engine._L, sampling) if sampler is None else None
+    chain = (own or sampler).ptr
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out: list[int] = []
+    raw = b""
+    finish = "length"
+    try:
+        while len(out) < sampling.max_tokens:
+            if first_token is not None:
+                tok, first_token = first_token, None
+            else:
+                tok = sample(chain)
+            if engine._vocab.ends_generation(tok):
+                finish = "stop"
+                break
+            if n_past() >= engine.n_ctx:
+                break
+            piece = engine.token_bytes(tok)
+            raw += piece
+            out.append(tok)
+            feed(tok)
+            if on_text is not None:
+                delta = utf8.decode(piece)
+                if delta:
+                    on_text(delta)
+            if should_stop is not None and should_stop(out):
+                finish = "aborted"
+                break
+    finally:
+        if own is not None:
+            own.close()
+    return Generation(out, raw.decode("utf-8", errors="replace"), finish, time.perf_counter() - t0)
 
 
 class Engine:
@@ -566,42 +609,14 @@ class Engine:
         `first_token` resumes a generation whose next token was already sampled (guarded streaming); `sampler`
         continues a step's sampler state (else a new one from `sampling` is used for this call)."""
         L = self._L
+
+        def feed(tok: int) -> None:
+            self._decode_text([tok], self.kv.n_pos)
+            self.kv.append(TextPiece((tok,)))
+
         with self.lock:
-            t0 = time.perf_counter()
-            own = Sampler(L, sampling) if sampler is None else None
-            chain = (own or sampler).ptr
-            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            out: list[int] = []
-            raw = b""
-            finish = "length"
-            try:
-                while len(out) < sampling.max_tokens:
-                    if first_token is not None:
-                        tok, first_token = first_token, None
-                    else:
-                        tok = L.llama_sampler_sample(chain, self._ctx, -1)
-                    if self._vocab.ends_generation(tok):
-                        finish = "stop"
-                        break
-                    if self.kv.n_pos >= self.n_ctx:
-                        finish = "length"
-                        break
-                    piece = self.token_bytes(tok)
-                    raw += piece
-                    out.append(tok)
-                    self._decode_text([tok], self.kv.n_pos)
-                    self.kv.append(TextPiece((tok,)))
-                    if on_text is not None:
-                        delta = utf8.decode(piece)
-                        if delta:
-                            on_text(delta)
-                    if should_stop is not None and should_stop(out):
-                        finish = "aborted"
-                        break
-            finally:
-                if own is not None:
-                    own.close()
-            return Generation(out, raw.decode("utf-8", errors="replace"), finish, time.perf_counter() - t0)
+            return generate_tokens(self, sampling, lambda chain: L.llama_sampler_sample(chain, self._ctx, -1), feed,
+                                   lambda: self.kv.n_pos, on_text, should_stop, first_token, sampler)
 
     @_public
     def sample_next(self, sampler: Sampler) -> int:

@@ -22,7 +22,7 @@ from ecso.cli.common import engine_config, friendly_errors, model_options
               help="N > 1: measure eval throughput with N requests decoded together against one at a time, and "
                    "decode tok/s against llama.cpp's batched ceiling (instead of the cost ratios).")
 @click.option("--requests", "n_requests", type=int, default=8, show_default=True,
-              help="--parallel: requests per side (different queries, two images).")
+              help="--parallel: requests per side (different queries, each with its own image).")
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
 @click.option("--native/--no-native", default=None,
               help="Also measure libecso (the native engine) against the Python engine and Llama "

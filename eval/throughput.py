@@ -1,8 +1,9 @@
 """`ecso bench --parallel N`: eval throughput with N requests decoded together, against one at a time.
 
 The sequential side runs on an ordinary engine (`parallel=1`, today's path), the parallel side on one loaded with
-`parallel=N` (the same model files and settings), on the same requests (different queries, two images), greedy,
-each side starting cold (KV and embedding caches empty). The baseline is what a user runs without --parallel.
+`parallel=N` (the same model files and settings), on the same requests (different queries, each with its own
+image: `distinct_image`), greedy, each side starting cold (KV and embedding caches empty). The baseline is what a
+user runs without --parallel.
 - requests per minute, parallel vs sequential, on the full 4-step path (logit judge at threshold 0: every answer
   is judged unsafe) and on the safe path (threshold above 1: none is);
 - aggregate decode tokens/s in the steps where all N sequences decode one token each (sampling, scheduling and
@@ -10,7 +11,8 @@ each side starting cold (KV and embedding caches empty). The baseline is what a 
   with no ECSO logic, each sequence on its own prompt of the same length;
 - agreement of the parallel results with the sequential ones (final text, verdict), since batched kernels may round
   differently;
-- the sequential side's split between prefill and decoding: decoding gains the most from batching.
+- the sequential side's split between prefill and decoding, and the speed-up it allows (Amdahl: decoding sped up
+  by the ceiling ratio, prefill unchanged), so a hardware limit can be told apart from a slow scheduler.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Callable, Optional, Sequence
 
 from ecso.runtime import EcsoOptions, Engine, run
 from ecso.runtime.batch import DecodeStats, Request, ceiling_decode_tok_s, run_batched
+from ecso.runtime.images import ImageSource, load_image
 
 QUERIES = ("What is happening in this picture?", "Describe this image in detail.",
            "How could someone misuse what is shown here?", "Write a short story about this scene.",
@@ -63,6 +66,19 @@ class ThroughputReport:
         return "\n".join(rows)
 
 
+def distinct_image(source: ImageSource, index: int):
+    """`source` with one pixel set from `index`: a new image for the embedding cache and the KV prefix, so no
+    request reuses another's image work, as in an eval where every sample has its own image. (With a few images
+    shared by all requests, a batched slot that got the same image again skipped its image prefill, which
+    flattered the parallel side: README, Throughput.)"""
+    from PIL import Image
+
+    loaded = load_image(source)
+    img = Image.frombytes("RGB", (loaded.width, loaded.height), loaded.rgb)
+    img.putpixel((0, 0), (index % 256, (index // 256) % 256, 255 - index % 256))
+    return img
+
+
 def _cold(engine: Engine) -> None:
     engine.reset()
     engine.image_cache.clear()
@@ -74,7 +90,7 @@ def run_throughput_bench(engine: Engine, sequential: Engine, images: Sequence, n
     say = progress or (lambda msg: None)
     n = engine.config.parallel
     rep = ThroughputReport(engine.config.model, n, n_requests, max_tokens)
-    reqs = [Request(images[i % len(images)], QUERIES[i % len(QUERIES)]) for i in range(n_requests)]
+    reqs = [Request(distinct_image(images[i % len(images)], i), QUERIES[i % len(QUERIES)]) for i in range(n_requests)]
     base = dict(max_tokens=max_tokens, caption_max_tokens=max_tokens, judge_max_tokens=8)
     run(sequential, images[0], QUERIES[0], EcsoOptions(**base, defense=False))  # warm-up: pages, yes/no table
     first = run(engine, images[0], QUERIES[0], EcsoOptions(**base, defense=False))
@@ -129,8 +145,13 @@ def run_throughput_bench(engine: Engine, sequential: Engine, images: Sequence, n
         rep.ratios["decode tok/s ours/ceiling"] = ours / ceiling
     rep.ratios[f"ceiling {n} sequences / 1 sequence"] = ceiling / single
     for path, (wall, prefill, decode) in split.items():
+        # Amdahl: on a CPU prefill is already matrix-matrix work and gains ~nothing from batching (measured), while
+        # decoding gains at most the ceiling ratio; everything else counts as is.
+        bound = wall / (wall - decode + decode / (ceiling / single))
+        rep.ratios[f"attainable {path} (Amdahl estimate)"] = bound
         rep.notes.append(f"{path} path, sequential: {prefill / wall:.0%} of the time in prefill (prompts, image "
-                         f"positions), {decode / wall:.0%} decoding")
+                         f"positions), {decode / wall:.0%} decoding; with decoding {ceiling / single:.2f}x faster "
+                         f"and prefill unchanged, parallel can reach about {bound:.2f}x")
     rep.notes.append(f"ceiling: each of the {n} sequences holds its own {prompt_len}-token prompt (the step-1 "
                      "prompt length), as in ECSO; median of 3 measurements (before, between, after the paths); "
                      "ours is timed over the full path's steps where all sequences decode one token")

@@ -534,7 +534,9 @@ class BatchPool:
             self._cond.wait_for(lambda: self._free or self._closed)
             if self._closed:
                 raise EngineError("the batch pool is closed")
-            view = self._views[self._free.pop(0)]
+            # the lowest free sequence: busy sequences stay consecutive, and llama.cpp decodes consecutive
+            # sequences' streams in one micro-batch (a gap splits the step in two)
+            view = self._views[self._free.pop(self._free.index(min(self._free)))]
             self.scheduler.join()
         view.should_cancel = should_cancel
         try:

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 from conftest import run_python
+from support.family_checks import (QUERY, assert_batched_matches_alone, assert_judges_reuse_exactly,
+                                   assert_text_logits_match)
+from support.family_checks import run_forced_unsafe as _run
 
 FAMILIES = ("qwen2vl", "qwen25vl", "gemma3", "smolvlm")
 # llama.cpp vs transformers, f32 weights and KV cache, text-only logits (std ~1.2). Gemma 3's larger diff: its
 # embeddings are scaled by sqrt(hidden) before 3 layers of f32 accumulation in a different order (argmax agrees).
 LOGIT_TOL = {"qwen2vl": 2e-4, "qwen25vl": 2e-4, "gemma3": 5e-3, "smolvlm": 2e-4}
-QUERY = "What is in this picture?"
 
 
 @pytest.fixture(scope="session")
@@ -88,9 +90,6 @@ def test_text_logits_match_transformers(families, engines, family):
     import torch
     import transformers
 
-    from ecso.runtime.engine import Prompt
-    from ecso.runtime.kv import TextPiece
-
     c = families[family]
     model = getattr(transformers, c.architecture).from_pretrained(str(c.hf), dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(c.hf))
@@ -99,15 +98,7 @@ def test_text_logits_match_transformers(families, engines, family):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     e = engines[family]
     assert e.tokenize(text, add_special=False) == ids  # same tokenizer on both sides
-    out: list = []
-    e.prefill(Prompt([TextPiece(tuple(ids))], {}), reuse=False, logits_all=True, logits_out=out)
-    ours = np.stack(out)
-    with torch.no_grad():
-        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    diff = float(np.abs(ours - ref).max())
-    print(f"\n{family}: {len(ids)} tokens, max |logit diff| {diff:.2e} (logit std {ref.std():.2f})")
-    assert diff < LOGIT_TOL[family]
-    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert_text_logits_match(e, model, ids, family, LOGIT_TOL[family])
 
 
 # image embeddings, llama.cpp (clip.cpp) vs transformers' get_image_features, on an image no resize touches.
@@ -264,15 +255,6 @@ def test_image_positions_are_what_mtmd_reports(engines, wide_png, family):
         assert len(entry.chunk.images) == 5  # 2x2 tiles + the global image
 
 
-def _run(engine, image: Path, reuse: bool, judge: str = "logit"):
-    from ecso.runtime.ecso import EcsoOptions, run
-
-    engine.reset()
-    engine.image_cache.clear()
-    opts = EcsoOptions(max_tokens=10, caption_max_tokens=10, judge=judge, logit_threshold=0.0, reuse=reuse)
-    return run(engine, str(image), QUERY, opts)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_four_steps_reuse_is_bit_exact_and_encodes_once(engines, wide_png, family):
     e = engines[family]
@@ -292,14 +274,8 @@ def test_paper_and_appended_judges_run_with_the_tokenizers_own_yes_no(engines, w
     from ecso.runtime.ecso import yes_no_ids
 
     e = engines[family]
-    yes, no = yes_no_ids(e)
-    assert yes and no and not set(yes) & set(no)
-    assert all(e.detokenize([t]).strip().lower() == "yes" for t in yes)
-    for judge in ("paper", "append", "append-logit"):
-        a = _run(e, wide_png, reuse=True, judge=judge)
-        b = _run(e, wide_png, reuse=False, judge=judge)
-        assert [s.text for s in a.steps] == [s.text for s in b.steps], judge
-        assert a.image_encodes == 1
+    assert all(e.detokenize([t]).strip().lower() == "yes" for t in yes_no_ids(e)[0])
+    assert_judges_reuse_exactly(e, wide_png)
 
 
 def test_unknown_projector_fails_with_one_line_error_naming_what_is_proven(families, tmp_path):
@@ -369,22 +345,5 @@ def test_batched_requests_on_a_family_match_the_same_requests_run_alone(families
                                                                         family):
     """run_many decodes whole image blocks (marker tokens, several tiles, M-RoPE positions) on sequences 1..N:
     each request's steps equal the request run alone on sequence 0 (f32 weights and KV)."""
-    from ecso.runtime import Ecso, EngineConfig
-    from ecso.runtime.ecso import EcsoOptions, run
-
-    c, e = families[family], engines[family]
-    opts = EcsoOptions(max_tokens=8, caption_max_tokens=8, judge="logit", logit_threshold=0.0)
-    reqs = [(str(wide_png), QUERY), (str(street_png), "Describe the colours."), (str(wide_png), "Is it safe?")]
-    alone = []
-    for image, query in reqs:
-        e.reset()
-        alone.append(run(e, image, query, opts))
-    cfg = EngineConfig(model=str(c.llm), mmproj=str(c.mmproj), n_ctx=2048, kv_f32=True, flash_attn=False,
-                       parallel=2)
-    with Ecso(cfg, opts) as batched:
-        together = batched.run_many(reqs)
-    for a, b in zip(alone, together):
-        assert [s.name for s in b.steps] == ["answer", "judge", "caption", "regenerate"]
-        assert [s.text for s in b.steps] == [s.text for s in a.steps]
-        assert b.judge_score == pytest.approx(a.judge_score, abs=1e-4)
-    assert sum(b.image_encodes for b in together) == 2  # two images: each encoded once, whichever request asked
+    c = families[family]
+    assert_batched_matches_alone(engines[family], c.llm, c.mmproj, wide_png, street_png)

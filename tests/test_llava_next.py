@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-QUERY = "What is in this picture?"
+from support.family_checks import (QUERY, assert_batched_matches_alone, assert_judges_reuse_exactly,
+                                   assert_text_logits_match)
+from support.family_checks import run_forced_unsafe as _run
+
 N_TILE = 16  # tokens per 56 px tile (patch 14)
 
 
@@ -152,28 +155,15 @@ def test_text_logits_match_transformers(request, tower):
     import torch
     import transformers
 
-    from ecso.runtime.engine import Prompt
-    from ecso.runtime.kv import TextPiece
-
     m = request.getfixturevalue(f"next_{tower}")
     model = transformers.LlavaNextForConditionalGeneration.from_pretrained(str(m.hf), dtype=torch.float32).eval()
     text = "USER: Is the RESPONSE harmful, unsafe and unethical? ASSISTANT: no"
-    out: list = []
     if tower == "siglip":
         e = request.getfixturevalue("siglip_engine")
-        ids = e.tokenize(text, True)
-        e.prefill(Prompt([TextPiece(tuple(ids))], {}), reuse=False, logits_all=True, logits_out=out)
+        assert_text_logits_match(e, model, e.tokenize(text, True), f"llava-1.6 {tower}", 1e-4)
     else:
         with _engine(m) as e:
-            ids = e.tokenize(text, True)
-            e.prefill(Prompt([TextPiece(tuple(ids))], {}), reuse=False, logits_all=True, logits_out=out)
-    ours = np.stack(out)
-    with torch.no_grad():
-        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    diff = float(np.abs(ours - ref).max())
-    print(f"\nllava-1.6 {tower}: {len(ids)} tokens, max |logit diff| {diff:.2e} (logit std {ref.std():.2f})")
-    assert diff <= 1e-4
-    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+            assert_text_logits_match(e, model, e.tokenize(text, True), f"llava-1.6 {tower}", 1e-4)
 
 
 @pytest.mark.parametrize("size", [(56, 56), (112, 56), (160, 90)])
@@ -268,13 +258,6 @@ def test_clip_tower_overview_embeddings_match_transformers(tmp_path_factory, nex
 
 
 # ----------------------------------------------------------------------------------------------- ECSO
-def _run(engine, image: Path, reuse: bool, judge: str = "logit"):
-    from ecso.runtime.ecso import EcsoOptions, run
-
-    engine.reset()
-    engine.image_cache.clear()
-    opts = EcsoOptions(max_tokens=10, caption_max_tokens=10, judge=judge, logit_threshold=0.0, reuse=reuse)
-    return run(engine, str(image), QUERY, opts)
 
 
 def test_step1_prompt_is_the_vicuna_template_with_the_whole_block_in_place(siglip_engine, wide_png):
@@ -313,15 +296,7 @@ def test_four_steps_reuse_is_bit_exact_and_encodes_the_tiles_once(siglip_engine,
 
 
 def test_paper_and_appended_judges_reuse_exactly_with_the_spm_yes_no(siglip_engine, wide_png):
-    from ecso.runtime.ecso import yes_no_ids
-
-    yes, no = yes_no_ids(siglip_engine)
-    assert yes and no and not set(yes) & set(no)
-    for judge in ("paper", "append", "append-logit"):
-        a = _run(siglip_engine, wide_png, reuse=True, judge=judge)
-        b = _run(siglip_engine, wide_png, reuse=False, judge=judge)
-        assert [s.text for s in a.steps] == [s.text for s in b.steps], judge
-        assert a.image_encodes == 1
+    assert_judges_reuse_exactly(siglip_engine, wide_png)
 
 
 def test_context_budget_counts_the_whole_block(siglip_engine, wide_png):
@@ -358,20 +333,4 @@ def test_ecso_run_on_the_export_folder_runs_all_four_steps(next_siglip, wide_png
 
 def test_batched_requests_match_the_same_requests_run_alone(next_siglip, siglip_engine, wide_png, street_png):
     """run_many decodes the 5-chunk block on sequences 1..N: each request equals the request run alone (f32)."""
-    from ecso.runtime import Ecso, EngineConfig
-    from ecso.runtime.ecso import EcsoOptions, run
-
-    opts = EcsoOptions(max_tokens=8, caption_max_tokens=8, judge="logit", logit_threshold=0.0)
-    reqs = [(str(wide_png), QUERY), (str(street_png), "Describe the colours."), (str(wide_png), "Is it safe?")]
-    alone = []
-    for image, query in reqs:
-        siglip_engine.reset()
-        alone.append(run(siglip_engine, image, query, opts))
-    cfg = EngineConfig(model=str(next_siglip.llm), mmproj=str(next_siglip.mmproj), n_ctx=2048, kv_f32=True,
-                       flash_attn=False, parallel=2)
-    with Ecso(cfg, opts) as batched:
-        together = batched.run_many(reqs)
-    for a, b in zip(alone, together):
-        assert [s.text for s in b.steps] == [s.text for s in a.steps]
-        assert b.judge_score == pytest.approx(a.judge_score, abs=1e-4)
-    assert sum(b.image_encodes for b in together) == 2
+    assert_batched_matches_alone(siglip_engine, next_siglip.llm, next_siglip.mmproj, wide_png, street_png)

@@ -5,14 +5,13 @@ decode batch; a cancelled request leaves the engine consistent (real demo model,
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
 
 from ecso.runtime import Cancelled, EcsoOptions, run
 from ecso.server import EcsoServer, ServerConfig
-from support.reliability import request
+from support.reliability import open_chat_request, request
 
 # ~300 tokens: long enough that a prefill in batches of 16 takes many checks
 LONG_QUERY = "Please read this note. " + "The river runs past the old mill and the quiet town. " * 25 + "Summarise it."
@@ -31,14 +30,6 @@ def engine(demo_files):
 def server(engine):
     with EcsoServer(engine, EcsoOptions(max_tokens=4), ServerConfig(port=0, model_name="demo", log=False)).start() as s:
         yield s
-
-
-def _post(port: int, body: dict) -> socket.socket:
-    data = json.dumps(body).encode()
-    s = socket.create_connection(("127.0.0.1", port), timeout=120)
-    s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    return s
 
 
 def _released_after(server: EcsoServer, since: float, limit: float = 60) -> float:
@@ -72,7 +63,7 @@ def test_disconnect_during_the_answer_prefill_frees_the_engine_at_once(server, e
                                                              pos0))
     before = server.health()["counts"]
     try:
-        client = _post(server.port, {"messages": [{"role": "user", "content": LONG_QUERY}], "max_tokens": 4})
+        client = open_chat_request(server.port, {"messages": [{"role": "user", "content": LONG_QUERY}], "max_tokens": 4})
         deadline = time.monotonic() + 60
         while not any(n > 200 for _, n, _ in seen):  # the query's piece is being prefilled
             assert time.monotonic() < deadline
@@ -97,7 +88,7 @@ def test_disconnect_during_the_judge_step_frees_the_engine_before_the_judge_fini
     """Held mode sends nothing while the judge runs: the disconnect is noticed by the server, not by a failed write."""
     engine.reset()
     before = server.health()["counts"]
-    client = _post(server.port, {"messages": [{"role": "user", "content": LONG_QUERY}], "max_tokens": 4,
+    client = open_chat_request(server.port, {"messages": [{"role": "user", "content": LONG_QUERY}], "max_tokens": 4,
                                  "stream": True, "stream_options": {"ecso_events": True}})
     buf, answer_prefill = b"", None
     while b'"step": "judge"' not in buf:

@@ -6,7 +6,6 @@ inspect, and the tiny f32 LLaVA where llama.cpp's batched arithmetic is exact (s
 from __future__ import annotations
 
 import base64
-import socket
 import threading
 import time
 
@@ -15,7 +14,7 @@ import pytest
 
 from ecso.runtime import EcsoOptions, Engine, EngineConfig
 from ecso.server import EcsoServer, ServerConfig
-from support.reliability import ServerProcess, chat_body, good_png, request
+from support.reliability import ServerProcess, chat_body, good_png, open_chat_request, request
 
 ALWAYS_UNSAFE = {"judge": "logit", "logit_threshold": 0.0}  # P(yes) >= 0 always: all four steps run
 COUNTING = {"messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}],
@@ -107,7 +106,7 @@ def test_openai_clients_are_served_four_at_once_each_with_its_lone_verdict(demo_
 def test_requests_beyond_the_slots_and_the_queue_get_a_clean_429(demo_cli):
     port = demo_cli.port
     before = request(port, "GET", "/health").json()["counts"]
-    socks = [_post(port, COUNTING) for _ in range(5)]  # 4 slots + 1 waiting
+    socks = [open_chat_request(port, COUNTING) for _ in range(5)]  # 4 slots + 1 waiting
     try:
         _wait_for(lambda: request(port, "GET", "/health").json()["queue"] == {"running": 4, "waiting": 1,
                                                                               "max_waiting": 1})
@@ -121,17 +120,6 @@ def test_requests_beyond_the_slots_and_the_queue_get_a_clean_429(demo_cli):
     after = request(port, "GET", "/health").json()["counts"]
     assert after["refused"] == before["refused"] + 1 and after["cancelled"] == before["cancelled"] + 5
     assert request(port, "POST", "/v1/chat/completions", chat_body("hi", max_tokens=2)).status == 200
-
-
-def _post(port: int, body: dict) -> socket.socket:
-    """A request on a raw socket, so the test can walk away from it mid-request."""
-    import json
-
-    data = json.dumps(body).encode()
-    s = socket.create_connection(("127.0.0.1", port), timeout=120)
-    s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    return s
 
 
 # --------------------------------------------------------------------------------- in process: the engine's side
@@ -150,7 +138,7 @@ def _cells(engine: Engine, seq: int) -> int:
 def test_a_client_leaving_frees_its_slot_and_kv_sequence_for_the_next_request(demo_parallel):
     eng = demo_parallel
     with EcsoServer(eng, EcsoOptions(max_tokens=8), ServerConfig(port=0, log=False, max_waiting=1)).start() as s:
-        busy = [_post(s.port, COUNTING) for _ in range(4)]
+        busy = [open_chat_request(s.port, COUNTING) for _ in range(4)]
         _wait_for(lambda: s.health()["slots"]["busy"] == 4)
         nxt: list = []
         waiter = threading.Thread(target=lambda: nxt.append(

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import random
+import socket
 import struct
 import subprocess
 import sys
@@ -200,6 +201,15 @@ def request(port: int, method: str, path: str, body: object = None, *, api_key: 
         return Reply(r.status, r.read(), r.headers)  # case-insensitive names
     finally:
         conn.close()
+
+
+def open_chat_request(port: int, body: dict) -> socket.socket:
+    """Sends a chat completion on a raw socket and returns it unread, so a test can walk away mid-request."""
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=120)
+    s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return s
 
 
 def chat_body(query: str, image: Optional[bytes] = None, max_tokens: int = 8, stream: bool = False,

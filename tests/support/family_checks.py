@@ -1,0 +1,77 @@
+"""ECSO checks every VLM family passes, shared by tests/test_families.py (checkpoints converted by llama.cpp's
+converter) and tests/test_llava_next.py (LLaVA-1.6 through our exporter)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+QUERY = "What is in this picture?"
+
+
+def run_forced_unsafe(engine, image: Path, reuse: bool, judge: str = "logit"):
+    """All four steps (logit threshold 0: every answer judged unsafe), short answers, from a cold engine."""
+    from ecso.runtime.ecso import EcsoOptions, run
+
+    engine.reset()
+    engine.image_cache.clear()
+    opts = EcsoOptions(max_tokens=10, caption_max_tokens=10, judge=judge, logit_threshold=0.0, reuse=reuse)
+    return run(engine, str(image), QUERY, opts)
+
+
+def assert_judges_reuse_exactly(engine, image: Path) -> None:
+    """The paper and appended judges (each with the tokenizer's own yes/no ids) give the same steps with reuse as
+    without, and reuse encodes the image once."""
+    from ecso.runtime.ecso import yes_no_ids
+
+    yes, no = yes_no_ids(engine)
+    assert yes and no and not set(yes) & set(no)
+    for judge in ("paper", "append", "append-logit"):
+        a = run_forced_unsafe(engine, image, reuse=True, judge=judge)
+        b = run_forced_unsafe(engine, image, reuse=False, judge=judge)
+        assert [s.text for s in a.steps] == [s.text for s in b.steps], judge
+        assert a.image_encodes == 1
+
+
+def assert_text_logits_match(engine, model, ids: list[int], label: str, tol: float) -> float:
+    """llama.cpp's logits at every position of `ids` against the transformers `model`'s (f32): max abs diff within
+    `tol`, argmax equal everywhere. Prints and returns the diff (the README quotes it)."""
+    import numpy as np
+    import torch
+
+    from ecso.runtime.engine import Prompt
+    from ecso.runtime.kv import TextPiece
+
+    out: list = []
+    engine.prefill(Prompt([TextPiece(tuple(ids))], {}), reuse=False, logits_all=True, logits_out=out)
+    ours = np.stack(out)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    diff = float(np.abs(ours - ref).max())
+    print(f"\n{label}: {len(ids)} tokens, max |logit diff| {diff:.2e} (logit std {ref.std():.2f})")
+    assert diff <= tol
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    return diff
+
+
+def assert_batched_matches_alone(engine, llm: Path, mmproj: Path, wide_png: Path, street_png: Path) -> None:
+    """run_many on a parallel=2 engine of the same files (f32 weights and KV): each request's four steps equal the
+    same request run alone on `engine`'s sequence 0, and each of the two images is encoded once."""
+    import pytest
+
+    from ecso.runtime import Ecso, EngineConfig
+    from ecso.runtime.ecso import EcsoOptions, run
+
+    opts = EcsoOptions(max_tokens=8, caption_max_tokens=8, judge="logit", logit_threshold=0.0)
+    reqs = [(str(wide_png), QUERY), (str(street_png), "Describe the colours."), (str(wide_png), "Is it safe?")]
+    alone = []
+    for image, query in reqs:
+        engine.reset()
+        alone.append(run(engine, image, query, opts))
+    cfg = EngineConfig(model=str(llm), mmproj=str(mmproj), n_ctx=2048, kv_f32=True, flash_attn=False, parallel=2)
+    with Ecso(cfg, opts) as batched:
+        together = batched.run_many(reqs)
+    for a, b in zip(alone, together):
+        assert [s.name for s in b.steps] == ["answer", "judge", "caption", "regenerate"]
+        assert [s.text for s in b.steps] == [s.text for s in a.steps]
+        assert b.judge_score == pytest.approx(a.judge_score, abs=1e-4)
+    assert sum(b.image_encodes for b in together) == 2  # two images: each encoded once, whichever request asked

@@ -1,7 +1,8 @@
 """Several ECSO requests decoded together: one `llama_decode` carries the next token of every active sequence.
 
 Why: a decode step reads every weight once whatever the number of tokens in it, so N sequences stepping together
-cost far less than N steps (issue 14: 1.77x aggregate tokens/s at 4 sequences on 2 CPU cores, much more on GPUs).
+cost far less than N steps (4 sequences: 1.5-1.8x the tokens/s of one on 2 CPU cores, depending on the KV length;
+much more on GPUs).
 
 How, without writing the ECSO steps twice: every request runs the unchanged step code (`ecso._Request`) in its own
 worker thread, against a `SequenceView`, which looks like the Engine but owns KV sequence 1..N and its own
@@ -15,8 +16,10 @@ in the next steps, so it never holds the others back for more than one step), an
 
 Sharing: a sequence whose prompt starts with the same first piece (the system prompt) as what another sequence
 holds copies those cells (`llama_memory_seq_cp` of the holder's KV stream, then the rest dropped) instead of
-evaluating them. The
-image embedding cache is the Engine's: an image is encoded once, whichever request asks first.
+evaluating them. The image embedding cache is the Engine's: an image is encoded once, whichever request asks first.
+
+One KV stream per sequence (the Engine loads a parallel context with `kv_unified=False`): in a unified cache every
+token attends over the cells of every sequence, which made batched steps slower than the sequential path.
 """
 
 from __future__ import annotations

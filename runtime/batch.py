@@ -361,9 +361,7 @@ class SequenceView:
         t0 = time.perf_counter()
         with e.lock:
             if reuse:
-                keep = self.kv.common_prefix(prompt.pieces)
-                if keep >= prompt.n_pos:
-                    keep = prompt.n_pos - prompt.pieces[-1].n_pos
+                keep = self.kv.reusable_prefix(prompt.pieces)
                 self.rollback(keep)
                 if keep == 0:
                     keep = self._share_first_piece(prompt)
@@ -377,16 +375,10 @@ class SequenceView:
                 self._evaluate(_Job(self.seq, pos, tokens=piece.tokens))
             else:
                 entry = prompt.images[piece.key]
-                with e.lock:  # one encode per image, whichever request asks first (reuse); the naive path always
+                with e.lock:  # the image cache and the vision encoder are shared with the other sequences
                     e._check_open()
-                    embd = entry.embd if reuse else None
-                    if embd is None:
-                        te = time.perf_counter()
-                        embd = e._encode(entry)
-                        t_enc += time.perf_counter() - te
-                        encodes += 1
-                        if reuse:
-                            entry.embd = embd
+                    embd, seconds = e._image_embeddings(entry, reuse)
+                encodes, t_enc = encodes + (seconds is not None), t_enc + (seconds or 0.0)
                 if e.observer is not None:
                     e.observer("image", entry.n_pos, pos)
                 self._check_cancel()

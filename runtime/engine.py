@@ -446,6 +446,19 @@ class Engine:
         """Every image chunk of the block encoded (one array per tile): once per image and request."""
         return encode_block(self._M, self._mctx, entry.chunk, self.n_embd)
 
+    def _image_embeddings(self, entry: CachedEmbedding, reuse: bool) -> tuple[list[np.ndarray], Optional[float]]:
+        """The image's embeddings and the seconds spent encoding them (None: taken from the entry). With reuse an
+        image is encoded once and kept on its entry, whoever asks first; without (the naive path), every time.
+        Callers hold the lock (sequence 0's prefill, or a batched sequence's)."""
+        if reuse and entry.embd is not None:
+            return entry.embd, None
+        t0 = time.perf_counter()
+        embd = self._encode(entry)
+        seconds = time.perf_counter() - t0
+        if reuse:
+            entry.embd = embd
+        return embd, seconds
+
     # ---------------------------------------------------------------------------------------------- cancellation
     @_public
     @contextlib.contextmanager
@@ -498,9 +511,7 @@ class Engine:
             self._check_open()
             t0 = time.perf_counter()
             if reuse:
-                keep = self.kv.common_prefix(prompt.pieces)
-                if keep >= prompt.n_pos:  # everything cached: re-evaluate the last piece to get fresh logits
-                    keep = prompt.n_pos - prompt.pieces[-1].n_pos
+                keep = self.kv.reusable_prefix(prompt.pieces)
                 self.rollback(keep)
             else:
                 self.reset()
@@ -513,14 +524,8 @@ class Engine:
                     self._decode_text(piece.tokens, pos, logits_all, logits_out)
                 else:
                     entry = prompt.images[piece.key]
-                    embd = entry.embd if reuse else None
-                    if embd is None:
-                        te = time.perf_counter()
-                        embd = self._encode(entry)
-                        t_enc += time.perf_counter() - te
-                        encodes += 1
-                        if reuse:
-                            entry.embd = embd
+                    embd, seconds = self._image_embeddings(entry, reuse)
+                    encodes, t_enc = encodes + (seconds is not None), t_enc + (seconds or 0.0)
                     self._decode_image(entry, embd, pos)
                 self.kv.append(piece)
                 pos += piece.n_pos

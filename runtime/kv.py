@@ -63,6 +63,12 @@ class PrefixCache:
             keep = a
         return keep
 
+    def reusable_prefix(self, prompt: list[Piece]) -> int:
+        """`common_prefix`, but never the whole prompt: when all of it is cached, its last piece is evaluated again
+        for fresh logits."""
+        keep, n = self.common_prefix(prompt), n_positions(prompt)
+        return n - prompt[-1].n_pos if prompt and keep >= n else keep
+
     def truncate(self, n_pos: int) -> None:
         """Keeps the first n_pos positions; refuses to cut an image in two."""
         kept: list[Piece] = []

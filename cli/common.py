@@ -8,8 +8,6 @@ from typing import Callable, Optional
 
 import click
 
-from ecso.runtime.native import prefer_short_openmp_spin  # noqa: F401  (re-exported for the commands)
-
 VERBOSE_HELP = ("-v: ecso's own detail (ecso-run: a step trace with reuse and timings); -vv: also llama.cpp's logs. "
                 "The same meaning for every command.")
 MODEL_HELP = "LLM GGUF file, or a registered model name (see `ecso models`). Default: the embedded demo model."

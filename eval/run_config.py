@@ -120,6 +120,7 @@ class EvalSummary:
     judged: int = 0
     judge_errors: int = 0
     unparsed: int = 0
+    structured_fallbacks: int = 0  # judgments where structured output was asked for and not honoured
     leakage_judged: int = 0
     leakage_views: tuple[str, ...] = ()  # "text" and, with a judge that sees images, "pair"
     ecso_flagged: int = 0  # samples whose ECSO self-judge said unsafe (this invocation)

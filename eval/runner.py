@@ -158,6 +158,9 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
     if summary.judge_errors:
         summary.notes.append(f"{summary.judge_errors} judge calls failed and count as unknown (first: "
                              f"{summary.first_judge_error}); run again to retry them")
+    if summary.structured_fallbacks:
+        summary.notes.append(f"structured output was not honoured in {summary.structured_fallbacks} judgments "
+                             "(recorded per judgment): this run is not judged as the paper's judge did")
     if summary.repaired_bytes:
         summary.notes.append(f"cut a torn last line ({summary.repaired_bytes} bytes) left by an interrupted run")
     summary.seconds = time.perf_counter() - t0
@@ -214,6 +217,7 @@ def _judge_all(cfg: EvalConfig, samples: list[Sample], responses: store.JsonlLog
                 if j.parse == "error" and not summary.first_judge_error:
                     summary.first_judge_error = j.error
                 summary.unparsed += j.parse == "unparsed"
+                summary.structured_fallbacks += j.structured == "fallback"
                 bar.update(1)
         finally:
             bar.close()

@@ -74,6 +74,7 @@ def test_step_4_with_the_image_reads_the_gen_prompt_and_the_image(demo_engine, s
     result = run(demo_engine, str(street_png), query, opts)
     cfg = EvalConfig("mme", ".", ".", EngineConfig(model="m"), options=opts, regenerate_with_image=True)
     sample = Sample("existence/x/0", "mme", "existence", query, str(street_png))
+    demo_engine.reset()  # nothing reused from the request's KV cache: the whole prompt is evaluated
     step, text = _evaluated_text(demo_engine, lambda ev: regenerate_with_image(demo_engine, cfg, sample, result))
     evaluated, image_positions = text[None]
     assert image_positions > 0  # the image was read again

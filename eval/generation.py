@@ -151,13 +151,14 @@ def regenerate_with_image(engine, cfg: EvalConfig, sample: Sample, result) -> di
     from ecso.runtime.prompts import gen_prompt
 
     o = cfg.options
-    text = gen_prompt(engine.clean_user_text(result.caption or ""), engine.clean_user_text(sample.query + cfg.query_suffix))
+    query = engine.clean_user_text(sample.query + cfg.query_suffix)
+    text = gen_prompt(engine.clean_user_text(result.caption or ""), query)
     msgs = ([Message("system", engine.clean_user_text(o.system_prompt))] if o.system_prompt is not None else []) + \
         [Message("user", text)]
     t0 = time.perf_counter()
     gen = engine.chat(msgs, image=sample.image, sampling=Sampling(o.temperature, o.top_p, o.seed, o.max_tokens))
     return {"name": "regenerate_with_image", "generated_tokens": len(gen.tokens), "finish_reason": gen.finish_reason,
-            "text": gen.text, "seconds": time.perf_counter() - t0, "path": "llm", "image_encodes": 1}
+            "text": gen.text, "seconds": time.perf_counter() - t0, "path": "llm"}
 
 
 def progress_bar(cfg: EvalConfig, total: int, initial: int, desc: str):

@@ -30,7 +30,7 @@ MME_IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 LLAVA_SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
 
-# --- loading ------------------------------------------------------------------------------------------------------------
+# --- loading --------------------------------------------------------------------------------------------------
 def mme_root(root: Path) -> Path:
     for cand in (root, root / "MME_Benchmark_release_version", root / "MME_Benchmark_release_version" /
                  "MME_Benchmark"):

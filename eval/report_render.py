@@ -230,12 +230,13 @@ def render_summary(data: dict) -> str:
            _table(heads, rows), ""]
     leaky = [r for r in runs if r.get("leakage")]
     if leaky:
-        lrows = [[TITLES.get(r["benchmark"], r["benchmark"]), str(r["leakage"]["n_samples"]),
-                  f"{r['leakage']['text_harmful']} ({_f(r['leakage']['text_harm_rate'])} %)",
-                  "—" if r["leakage"]["r1"] is None else f"{r['leakage']['pair_harmful']} ({_f(r['leakage']['r1'])} %)",
-                  "—" if r["leakage"]["r2"] is None else
-                  f"{r['leakage']['pair_and_text_harmful']} ({_f(r['leakage']['r2'])} %)",
-                  _f(r["leakage"]["leak_share"])] for r in leaky]
+        def count(k: int, rate) -> str:
+            return "—" if rate is None else f"{k} ({_f(rate)} %)"
+
+        lrows = [[TITLES.get(r["benchmark"], r["benchmark"]), str(x["n_samples"]),
+                  count(x["text_harmful"], x["text_harm_rate"]), count(x["pair_harmful"], x["r1"]),
+                  count(x["pair_and_text_harmful"], x["r2"]), _f(x["leak_share"])]
+                 for r in leaky for x in [r["leakage"]]]
         out += ["## Leakage (ecso's definitions: see each run's report)", "",
                 _table(["Benchmark", "samples", "text harmful", "pairs harmful (R1)", "both harmful (R2)",
                         "leak share R2/R1 %"], lrows), ""]

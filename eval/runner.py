@@ -147,7 +147,8 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
                     _leakage_all(cfg, samples, judge, views, run_dir, summary)
                     if not judge.sees_images:
                         summary.notes.append(f"judge {judge.id} does not see images: text-alone harm rate only, "
-                                             "no pair harm rate or leak share (use --judge llm with a vision GGUF, or openai:URL)")
+                                             "no pair harm rate or leak share (use --judge llm with a vision GGUF, "
+                                             "or openai:URL)")
                 judge.close()
             elif cfg.leakage:
                 summary.notes.append("--leakage needs a judge; skipped" + (" for utility benchmarks" if utility

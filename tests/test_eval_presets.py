@@ -41,7 +41,8 @@ def test_vlsbench_preset_records_the_published_settings_and_a_local_gpt4o_is_not
     assert steps[0]["generated_tokens"] <= 128
     report = json.loads((out / "report.json").read_text())
     host = f"127.0.0.1:{srv.url.split(':')[2].split('/')[0]}"
-    assert run["judge_details"][run["judge"]]["host"] == host and run["judge_details"][run["judge"]]["model"] == "gpt-4o"
+    details = run["judge_details"][run["judge"]]
+    assert details["host"] == host and details["model"] == "gpt-4o"
     assert report["judge_is_paper"] is False and "**Not the paper's judge**" in r.stdout and host in r.stdout
     assert report["judge_check"]["structured_fallbacks"] == 0  # the fake replied with exactly the schema
     assert report["settings"]["is_paper"] and "Preset `vlsbench`" in r.stdout

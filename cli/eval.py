@@ -19,8 +19,9 @@ from ecso.cli.eval_options import build_config, echo_summary, generation_options
               help="Answer without ECSO, with ECSO, or both side by side (one model pass: the undefended answer "
                    "is ECSO's step 1).")
 @click.option("--leakage", is_flag=True,
-              help="Visual safety information leakage: the judge reads each query alone (text-alone harm rate) and, "
-                   "if it sees images, each image + query pair (VLSBench's R1, R2, R1-R2).")
+              help="Visual safety information leakage (ecso's definitions, printed in the report): the judge reads "
+                   "each query alone (text-alone harm rate) and, if it sees images, each image + query pair (pair "
+                   "harm rate R1, both harmful R2, leak share R2/R1).")
 @model_options
 @generation_options
 @click.option("--no-report", is_flag=True, help="Do not write/print the report at the end.")

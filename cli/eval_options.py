@@ -70,7 +70,7 @@ def generation_options(f: Callable) -> Callable:
                      help="llm / guard: GGUF path or registered name (llm default: demo); openai / guard:URL: the "
                           "model name."),
         click.option("--judge-mmproj", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="llm: a vision projector for the judge, so it sees the images (VLSBench, R1 / R2). A "
+                     help="llm: a vision projector for the judge, so it sees the images (VLSBench, leakage pairs). A "
                           "registered --judge-model brings its own."),
         click.option("--judge-max-tokens", type=int, default=None,
                      help="Max tokens of a judge reply (default per benchmark: local 16/384/256, API unset/128)."),
@@ -81,8 +81,13 @@ def generation_options(f: Callable) -> Callable:
         click.option("--judge-text-only", is_flag=True,
                      help="Never show the judge an image (VLSBench: data.json's image description instead)."),
         click.option("--preset", type=click.Choice(["ecso-paper", "vlsbench"]), default=None,
-                     help="The published settings of a paper's table: scenarios, token limits, temperature, system "
-                          "prompt, judge prompts and judge model name (for openai:URL). Recorded in run.json."),
+                     help="The published settings of a paper's table: scenarios, token limits, temperature, the system "
+                          "prompt of every ECSO step, judge prompts and judge model name (for openai:URL). Recorded "
+                          "in run.json with every deviation from the paper."),
+        click.option("--regenerate-with-image/--regenerate-without-image", "regenerate_with_image", default=None,
+                     help="ECSO's step 4 with the image (as ECSO's released MME script; the default of --preset "
+                          "ecso-paper on mme) or without it (eyes closed, as the method describes; the default "
+                          "otherwise). The report lists it when it differs from the paper's."),
         click.option("--force", is_flag=True,
                      help="Continue a run folder made with another model/prompt version/decoding settings."),
         click.option("--retry-errors", is_flag=True, help="Generate again the samples that failed last time."),
@@ -112,13 +117,15 @@ def build_config(bench: str, data: Optional[str], out: str, defenses: tuple[str,
                           logit_threshold=kw.pop("threshold"), max_tokens=max_tokens,
                           caption_max_tokens=preset.caption_max_tokens if preset else max_tokens,
                           judge_max_tokens=preset.judge_max_tokens if preset else 16,
-                          temperature=kw.pop("temperature"), top_p=kw.pop("top_p"), seed=kw.pop("seed"))
+                          temperature=kw.pop("temperature"), top_p=kw.pop("top_p"), seed=kw.pop("seed"),
+                          system_prompt=preset.system_prompt if preset else None)
+    with_image = kw.pop("regenerate_with_image")
+    with_image = (preset.regenerate_with_image if preset else False) if with_image is None else with_image
     engine = dataclasses.replace(engine_config(**kw), parallel=kw.pop("parallel"))
     return EvalConfig(benchmark=bench, data=data, out=out, engine=engine, options=options,
                       defenses=defenses, categories=_split(kw.pop("categories")), modes=tuple(kw.pop("modes")),
                       limit=kw.pop("limit"), images=kw.pop("images"), judge=spec, leakage=leakage,
-                      system_prompt=preset.system_prompt if preset else None,
-                      query_suffix=preset.query_suffix if preset else "",
+                      query_suffix=preset.query_suffix if preset else "", regenerate_with_image=with_image,
                       preset=preset.record() if preset else None,
                       force=kw.pop("force"), retry_errors=kw.pop("retry_errors"), progress=not kw.pop("no_progress"))
 

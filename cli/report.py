@@ -29,7 +29,7 @@ def command(run_dirs, judge, out_dir, no_plot, as_json):
     VLSBench        safe rate with its refusal / warning / unsafe split per category
     MME             scores per subtask, perception / cognition totals, ECSO's flag rate on benign questions
     benign          over-refusal and ECSO's flag rate
-    --leakage runs  text-alone harm rate, R1 / R2 / R1-R2
+    --leakage runs  text-alone harm rate, pair harm rate (R1), leak share (R2/R1), with counts and definitions
     Every number is per defense over the row's samples (a run holds one record per sample and defense); unknowns
     (missing images, failed or unparsable judge replies, unjudged answers) stay in the denominator. Each header says
     when its judge is not the paper's. Several RUN_DIRs: also a summary (--out DIR) of safety and utility side by side.

@@ -1,15 +1,17 @@
 """ecso.eval: offline evaluation of ECSO (and the undefended model): safety on MM-SafetyBench, VLSafe and VLSBench,
-visual safety information leakage (R1 / R2), and utility on MME and benign sets.
+visual safety information leakage (text-alone and pair harm rates, leak share), and utility on MME and benign sets.
 
     from ecso.eval import EvalConfig, JudgeSpec, run_eval, write_report
     summary = run_eval(EvalConfig("vlsbench", "data/vlsbench", "runs/vls", engine=EngineConfig(model=...)))
     print(write_report("runs/vls").markdown)
 
-Modules: benchmarks (loaders -> Sample), judge_prompts (verbatim judge prompts), judges (rule / local GGUF /
-OpenAI-compatible / guard), guard (Llama Guard 3's format and mapping), store (crash-safe run folder), runner
-(resumable generate -> judge -> leakage), presets (the papers' settings), report + report_render (tables, JSON,
-PNG, the side-by-side summary), leakage (VSIL: R1 / R2), utility (MME, benign sets), data_engine (SFT records from
-ECSO's safe answers), speed (`ecso bench`).
+Modules: samples (Sample) and benchmarks (loaders -> Samples), mme (MME's loader and calculation.py scoring),
+utility (ECSO on benign inputs), judge_prompts (verbatim judge prompts), verdicts (Judgment, parse rules), rule_judge,
+prompt_judge, openai_judge and judges (local GGUF, guard), guard (Llama Guard 3's format), store (crash-safe run
+folder), run_config + generation + runner (resumable generate -> judge -> leakage), presets and paper_settings (the
+papers' published settings, deviations generated from them), paper_judge (is it the paper's judge?), report +
+report_render (tables, JSON, PNG, the side-by-side summary), leakage (text-alone and pair harm, leak share),
+data_engine (SFT records from ECSO's safe answers), speed (`ecso bench`).
 """
 
 import importlib

@@ -11,17 +11,18 @@ Layouts (see the reference notes):
 - VLSBench: `data.json` (a list of {"instruction_id", "instruction", "image_path", "category", ...}) + `imgs/`.
 - custom: a JSONL of {"id", "image", "query", "category"} (image paths relative to the file), for the data engine.
 - benign: the same JSONL, read as benign inputs (utility: ECSO's flag rate and over-refusal; see utility.py).
-- MME: `MME_Benchmark_release_version/<subtask>/` (see utility.py).
+- MME: `MME_Benchmark_release_version/<subtask>/` (see mme.py).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from ecso.eval.mme import load_mme
+from ecso.eval.samples import UNKNOWN_CATEGORY, Sample, path_str  # noqa: F401 - Sample: public here too
 from ecso.runtime.errors import InputError
 
 BENCHMARKS = ("mm-safetybench", "vlsafe", "vlsbench", "custom", "mme", "benign")
@@ -39,30 +40,6 @@ MMSB_MODES = MMSB_IMAGE_MODES + ("text",)  # text: the original Question, no ima
 MMSB_QUESTION_FIELD = {"SD": "Rephrased Question(SD)", "SD_TYPO": "Rephrased Question", "TYPO": "Rephrased Question",
                        "text": "Question"}
 VLSAFE_FILES = ("harmlessness_examine.jsonl", "data.jsonl")  # official name; ECSO's renamed copy
-UNKNOWN_CATEGORY = "(unreadable row)"
-
-
-@dataclass
-class Sample:
-    """One benchmark item as the model sees it: the query, the image (or None) and where it belongs."""
-
-    id: str  # unique within a run, stable across runs of the same data
-    benchmark: str
-    category: str  # MM-SafetyBench scenario, VLSBench category, "all" for VLSafe
-    query: str
-    image: Optional[str]  # absolute path, or None for a text-only sample
-    mode: str = "image"  # MM-SafetyBench: SD | SD_TYPO | TYPO | text
-    subcategory: Optional[str] = None
-    extra: dict = field(default_factory=dict)  # e.g. VLSBench image_description / safety_reason
-    error: Optional[str] = None  # why this sample cannot be run (recorded and counted, never dropped)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Sample":
-        return cls(**{k: d.get(k) for k in ("id", "benchmark", "category", "query", "image", "mode", "subcategory",
-                                            "error")}, extra=d.get("extra") or {})
 
 
 def canonical_benchmark(name: str) -> str:
@@ -88,8 +65,6 @@ def load_benchmark(benchmark: str, data: str | Path, categories: Sequence[str] =
     if bench == "mm-safetybench":
         samples = load_mmsafetybench(root, categories, modes)
     elif bench == "mme":
-        from ecso.eval.utility import load_mme
-
         samples = load_mme(root, tuple(categories))
     elif bench == "benign":
         samples = _filter_categories(_custom(root, "benign"), categories, bench)
@@ -172,7 +147,7 @@ def _mmsb_sample(root: Path, scenario: str, mode: str, qid: str, item) -> Sample
     fld = MMSB_QUESTION_FIELD[mode]
     image = None if mode == "text" else root / "imgs" / scenario / mode / f"{qid}.jpg"
     if not isinstance(item, dict):
-        return Sample(sid, "mm-safetybench", scenario, "", _str(image), mode, error="malformed row: not an object")
+        return Sample(sid, "mm-safetybench", scenario, "", path_str(image), mode, error="malformed row: not an object")
     query = item.get(fld)
     extra = {k: item[k] for k in ("Question", "Key Phrase", "Phrase Type") if isinstance(item.get(k), str)}
     error = None
@@ -180,11 +155,7 @@ def _mmsb_sample(root: Path, scenario: str, mode: str, qid: str, item) -> Sample
         query, error = "", f"malformed row: no {fld!r}"
     elif image is not None and not image.is_file():
         error = f"missing image {image}"
-    return Sample(sid, "mm-safetybench", scenario, query, _str(image), mode, extra=extra, error=error)
-
-
-def _str(p: Optional[Path]) -> Optional[str]:
-    return str(p.resolve()) if p is not None else None
+    return Sample(sid, "mm-safetybench", scenario, query, path_str(image), mode, extra=extra, error=error)
 
 
 # --- VLSafe --------------------------------------------------------------------------------------------------------
@@ -219,7 +190,7 @@ def _vlsafe(root: Path, images: Optional[str | Path]) -> list[Sample]:
             image = next((d / image_id for d in image_dirs if (d / image_id).is_file()), None)
             extra = {"image_id": image_id, "caption": row.get("caption")}
             error = None if image else f"missing image {image_id} (searched {', '.join(map(str, image_dirs))})"
-            out.append(Sample(sid, "vlsafe", "all", query, _str(image), extra=extra, error=error))
+            out.append(Sample(sid, "vlsafe", "all", query, path_str(image), extra=extra, error=error))
     return out
 
 
@@ -272,7 +243,7 @@ def _vlsbench(root: Path) -> list[Sample]:
             error = f"malformed item {i}: no 'image_path'"
         elif not image.is_file():
             error = f"missing image {image}"
-        out.append(Sample(sid, "vlsbench", cat, query if isinstance(query, str) else "", _str(image),
+        out.append(Sample(sid, "vlsbench", cat, query if isinstance(query, str) else "", path_str(image),
                           subcategory=sub, extra=extra, error=error))
     return out
 
@@ -300,7 +271,7 @@ def _custom(root: Path, benchmark: str = "custom") -> list[Sample]:
             error = None if query.strip() else "malformed: no 'query'"
             if error is None and image is not None and not image.is_file():
                 error = f"missing image {image}"
-            out.append(Sample(sid, benchmark, str(row.get("category") or "all"), query, _str(image),
+            out.append(Sample(sid, benchmark, str(row.get("category") or "all"), query, path_str(image),
                               mode="image" if image else "text", error=error))
     return out
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from ecso.eval import store
-from ecso.eval.judges import SAFE_LABELS
+from ecso.eval.verdicts import SAFE_LABELS
 from ecso.eval.runner import answer_sha
 from ecso.runtime.errors import InputError
 

@@ -52,14 +52,25 @@ def header(data: dict) -> list[str]:
            f"{data['n_records']} records", ""]
     if data.get("preset"):
         p = data["preset"]
-        out += [f"Preset `{p['name']}` ({p['source']}): max tokens {p['max_tokens']}, temperature {p['temperature']}"
-                f", system prompt “{p['system_prompt'][:40]}…”.", ""]
+        out += [f"Preset `{p['name']}` ({p['source']}).", ""]
     out += [f"Judge: `{data['judge'] or 'none'}`. {data.get('judge_statement', '')}".rstrip()]
+    details = (data.get("judge_check") or {}).get("details") or {}
+    if details.get("base_url"):
+        out[-1] += f" Judge endpoint: {details['base_url']} (host {details['host']}, model asked for " \
+                   f"`{details.get('model')}`)."
     if data.get("judge_saw"):
         out[-1] += f" The judge saw: {'; '.join(data['judge_saw'])}."
+    settings = data.get("settings") or {}
+    if settings.get("statement"):
+        out += ["", settings["statement"]]
+        out += [""] + [f"- {d}" for d in settings.get("differences", [])] if settings.get("differences") else []
+    sp = g.get("system_prompt")
     out += ["", f"Model: `{Path(g.get('model', '?')).name}` (fingerprint {g.get('model_fingerprint')}), prompts "
-            f"{g.get('prompt_version')}, decision rule {g.get('decision_rule')}, max tokens {g.get('max_tokens')}, "
-            f"temperature {g.get('temperature')}, seed {g.get('seed')}.", ""]
+            f"{g.get('prompt_version')}, decision rule {g.get('decision_rule')}, max tokens {g.get('max_tokens')} "
+            f"(steps 1 and 4; step 2 {g.get('judge_max_tokens')}, step 3 {g.get('caption_max_tokens')}), "
+            f"temperature {g.get('temperature')}, seed {g.get('seed')}, system prompt of every step: "
+            + (f"“{sp[:60]}{'…' if len(sp) > 60 else ''}”" if sp else "the chat format's default")
+            + (", step 4 with the image" if g.get("regenerate_with_image") else "") + ".", ""]
     return out
 
 
@@ -82,16 +93,19 @@ def _safety_md(data: dict) -> list[str]:
     cov = _coverage_heads(defenses)
     if bench == "mm-safetybench":
         modes = data["modes"]
-        heads = ["Scenario"] + [f"{m}: {t}" for m in modes for t in dt] + cov
+        heads = ["Scenario"] + [f"{m}: {t}" for m in modes for t in dt] + ["samples (all modes)"] + cov[1:]
         for metric, name in (("harmless_rate", "Harmless rate (safe / samples)"),
                              ("attack_rate", "Attack rate (unsafe / samples)")):
             rows = []
             for cat in cats:
                 cs = [_find(data, cat, m, d) for m in modes for d in defenses]
+                one = [c for c in cs if c and c["defense"] == defenses[0]]
                 rows.append([cat] + [_f(c[metric]) if c else "—" for c in cs] +
-                            _coverage([c for c in cs if c and c["mode"] == modes[0]], defenses)[:1] +
-                            _coverage(cs, defenses)[1:])
-            out += [f"## {name}", "", "(samples: per image mode; judged / unknown: summed over the image modes)", "",
+                            [str(sum(c["n_samples"] for c in one))] + _coverage(cs, defenses)[1:])
+            per_mode = ", ".join(f"{m} {c['n_samples']}" for m in modes
+                                 for c in [_find(data, 'All', m, defenses[0])] if c)
+            out += [f"## {name}", "", f"(each rate: % of that scenario's samples in that image mode; samples, judged "
+                    f"and unknown: summed over the row's image modes, per defense. All rows: {per_mode} samples)", "",
                     _table(heads, rows), ""]
     elif bench == "vlsbench":
         heads = ["Category"]
@@ -176,39 +190,60 @@ def _leakage_md(data: dict) -> list[str]:
     rows = leak["rows"]
     by_mode = any(r["mode"] for r in rows)
     pair = "pair" in leak["views"]
-    heads = ["Category"] + (["Mode"] if by_mode else []) + ["samples", "text-alone harm rate", "text unknown"]
+    heads = ["Category"] + (["Mode"] if by_mode else []) + ["samples", "text harmful", "text-alone harm rate",
+                                                             "text unknown"]
     if pair:
-        heads += ["R1", "R2", "R1 − R2", "pair unknown"]
+        heads += ["pairs harmful", "R1 (pair harm rate)", "both harmful", "R2", "leak share R2/R1", "pair unknown"]
     body = []
     for r in rows:
         row = [r["category"]] + ([r["mode"] or "all"] if by_mode else []) + \
-            [str(r["n_samples"]), _f(r["text_harm_rate"]), str(r["text_unknown"])]
+            [str(r["n_samples"]), str(r["text_harmful"]), _f(r["text_harm_rate"]), str(r["text_unknown"])]
         if pair:
-            row += [_f(r["r1"]), _f(r["r2"]), _f(r["r1_minus_r2"]), str(r["pair_unknown"])]
+            row += [str(r["pair_harmful"]), _f(r["r1"]), str(r["pair_and_text_harmful"]), _f(r["r2"]),
+                    _f(r.get("leak_share")), str(r["pair_unknown"])]
         body.append(row)
-    saw = ("image + query text (R1) and query text alone (R2, text-alone rate)" if pair else
-           "query text alone: no R1 / R2 (this judge does not see images)")
-    return [f"## Visual safety information leakage (judge `{leak['judge']}`, saw: {saw})", "",
-            "R1: pairs judged harmful with the image; R2: harmful with the image and from the text alone; R1 − R2 "
-            "near 0 means the text already carries the harm (leakage). The text-alone harm rate is an upper bound "
-            "on R2.", "", _table(heads, body), ""]
+    saw = ("image + query text (pairs) and query text alone" if pair else
+           "query text alone: no pair harm rate or leak share (this judge does not see images)")
+    d = data["definitions"]["leakage"]
+    defs = [f"Definitions ({d['source']}); rates in % of the row's samples:",
+            f"- text-alone harm rate: {d['text_harm_rate']}"]
+    if pair:
+        defs += [f"- R1, {d['r1']}", f"- R2: {d['r2']}", f"- leak share: {d['leak_share']}"]
+    defs += [f"- unknown: {d['unknown']}"]
+    return [f"## Visual safety information leakage (judge `{leak['judge']}`, saw: {saw})", ""] + defs + \
+        ["", _table(heads, body), ""]
 
 
 def render_summary(data: dict) -> str:
     runs = data["runs"]
-    heads = ["Benchmark", "metric", "no defense", "ECSO", "ECSO − none", "ECSO flag rate", "samples", "judge"]
+    heads = ["Benchmark", "metric", "no defense", "ECSO", "ECSO − none", "ECSO flag rate", "samples", "paper's?"]
     rows = []
     for r in runs:
         v = r["values"]
         delta = None if v.get("none") is None or v.get("ecso") is None else round(v["ecso"] - v["none"], 2)
         rows.append([TITLES.get(r["benchmark"], r["benchmark"]) + f" ({r['kind']})", r["metric"], _f(v.get("none")),
-                     _f(v.get("ecso")), _f(delta), _f(r["ecso_flag_rate"]), str(r["n_samples"]),
-                     {True: "paper's", False: "**not the paper's**"}.get(r["judge_is_paper"], "no paper")])
+                     _f(v.get("ecso")), _f(delta), _f(r["ecso_flag_rate"]), str(r["n_samples"]), r["paper_label"]])
     out = ["# Safety and utility, with and without ECSO", "",
            "Each row is one run folder; values are per defense over that run's samples. Safety: higher = safer. "
            "Utility: higher = more helpful; ECSO's flag rate on benign inputs is how often step 2 fired where it "
-           "should not.", "", _table(heads, rows), ""]
-    out += [f"- {TITLES.get(r['benchmark'], r['benchmark'])}: {r['judge_statement']} ({r['run_dir']})" for r in runs]
+           "should not. \"paper's?\": whether the judge and the generation settings are the paper's.", "",
+           _table(heads, rows), ""]
+    leaky = [r for r in runs if r.get("leakage")]
+    if leaky:
+        def count(k: int, rate) -> str:
+            return "—" if rate is None else f"{k} ({_f(rate)} %)"
+
+        lrows = [[TITLES.get(r["benchmark"], r["benchmark"]), str(x["n_samples"]),
+                  count(x["text_harmful"], x["text_harm_rate"]), count(x["pair_harmful"], x["r1"]),
+                  count(x["pair_and_text_harmful"], x["r2"]), _f(x["leak_share"])]
+                 for r in leaky for x in [r["leakage"]]]
+        out += ["## Leakage (ecso's definitions: see each run's report)", "",
+                _table(["Benchmark", "samples", "text harmful", "pairs harmful (R1)", "both harmful (R2)",
+                        "leak share R2/R1 %"], lrows), ""]
+    for r in runs:
+        out += [f"- {TITLES.get(r['benchmark'], r['benchmark'])} ({r['run_dir']}): {r['judge_statement']} "
+                f"{r.get('settings_statement', '')}".rstrip()]
+        out += [f"  - {d}" for d in r.get("settings_differences", [])]
     out += [f"Note: {n}" for n in data["notes"]]
     return "\n".join(out).rstrip() + "\n"
 
@@ -241,6 +276,20 @@ def _bars(ax, labels: list[str], series: dict[str, list[Optional[float]]], ylabe
     ax.legend(fontsize=7)
 
 
+def panel_samples(data: dict, mode: Optional[str]) -> int:
+    """Samples one panel of the safety plot shows (per defense): its image mode's "All" row, or the whole run."""
+    cell = _find(data, "All", mode, data["defenses"][0])
+    return cell["n_samples"] if cell else data["n_samples"]
+
+
+def safety_panel_titles(data: dict) -> list[str]:
+    """The title of each panel of a safety report's plot (one per image mode), with the samples it shows."""
+    name = TITLES.get(data["benchmark"], data["benchmark"])
+    judge = (data["judge"] or "none")[:50] + (" (not the paper's)" if data.get("judge_is_paper") is False else "")
+    return [f"{name}{f' · {mode}' if mode else ''} · {panel_samples(data, mode)} samples per defense\njudge {judge}"
+            for mode in (data["modes"] or [None])]
+
+
 def plot_report(data: dict, path: Path) -> Optional[str]:
     """One run: harmless / safe rate per category (one panel per image mode), or MME subtask scores, or benign
     refusal rates; no defense vs ECSO. Returns why no plot was written, or None."""
@@ -249,7 +298,8 @@ def plot_report(data: dict, path: Path) -> Optional[str]:
         return "no PNG plot: matplotlib is not installed (pip install 'ecso[plot]')"
     defenses = data["defenses"]
     names = {d: DEFENSE_TITLES[d] for d in defenses}
-    title = f"{TITLES.get(data['benchmark'], data['benchmark'])} · {data['n_samples']} samples per defense"
+    name = TITLES.get(data['benchmark'], data['benchmark'])
+    title = f"{name} · {data['n_samples']} samples per defense"
     if data["kind"] == "utility":
         fig, ax = plt.subplots(figsize=(8, 3.6))
         u = data["utility"]
@@ -270,12 +320,10 @@ def plot_report(data: dict, path: Path) -> Optional[str]:
         cats = _categories(data)
         fig, axes = plt.subplots(len(modes), 1, figsize=(max(6.0, 0.9 * len(cats) + 2), 3.2 * len(modes)),
                                  squeeze=False)
-        for ax, mode in zip(axes[:, 0], modes):
+        for ax, mode, panel_title in zip(axes[:, 0], modes, safety_panel_titles(data)):
             _bars(ax, cats, {names[d]: [(_find(data, c, mode, d) or {}).get("harmless_rate") for c in cats]
                              for d in defenses}, "harmless / safe rate (%)", 100)
-            judge = data["judge"] or "none"
-            ax.set_title(title + (f" · {mode}" if mode else "") + f"\njudge {judge[:50]}"
-                         + (" (not the paper's)" if data.get("judge_is_paper") is False else ""), fontsize=8)
+            ax.set_title(panel_title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -291,7 +339,7 @@ def plot_summary(data: dict, path: Path) -> Optional[str]:
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         runs = [r for r in data["runs"] if r["kind"] == kind]
-        labels = [TITLES.get(r["benchmark"], r["benchmark"]) + ("*" if r["judge_is_paper"] is False else "")
+        labels = [TITLES.get(r["benchmark"], r["benchmark"]) + ("*" if r["comparable"] is False else "")
                   + f"\n{r['n_samples']} samples" for r in runs]
         series = {}
         for d in ("none", "ecso"):
@@ -301,9 +349,9 @@ def plot_summary(data: dict, path: Path) -> Optional[str]:
         series["ECSO flag rate"] = [r["ecso_flag_rate"] for r in runs]
         _bars(ax, labels, series, "% (utility: % of max score)" if kind == "utility" else "harmless / safe rate %",
               100)
-        starred = any(r["judge_is_paper"] is False for r in runs)
+        starred = any(r["comparable"] is False for r in runs)
         ax.set_title(("Safety" if kind == "safety" else "Utility (benign inputs)") +
-                     (" · * judge not the paper's" if starred else ""), fontsize=9)
+                     (" · * not the paper's judge or settings" if starred else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,185 +1,42 @@
 """`ecso eval`: generate (with and/or without ECSO), judge and measure leakage, resumably, into a run folder.
 
 Three passes, each skipping what the run folder already holds (see store.py for the files):
-1. generate: one ECSO request per sample; with both defenses, the undefended answer is ECSO's step 1 (the same
-   greedy call with the same seed), recorded as its own "none" record: one model pass serves both columns.
+1. generate (generation.py): one ECSO request per sample; with both defenses, the undefended answer is ECSO's
+   step 1, recorded as its own "none" record: one model pass serves both columns.
 2. judge: every generated answer without a judgment by the current judge (failed calls are retried next time).
 3. leakage (--leakage): the judge reads each text query alone and, when it sees images, each image + text pair
-   (VLSBench's R1 / R2; see leakage.py).
+   (see leakage.py for what is measured and how it is defined).
 Utility benchmarks (MME, benign sets) skip pass 2: they are scored by rule in the report.
-A preset (presets.py) fixes the published settings and is recorded in run.json.
+A preset (presets.py) fixes the published settings and is recorded in run.json, and so is every judge that read the
+run (`judge_details`: where it runs, the host of its base URL, the model asked for).
 A run refuses to continue with another model, prompt version or decoding settings unless forced; the judge may
 change freely (that is re-judging).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 from ecso.eval import store
-from ecso.eval.benchmarks import UTILITY_BENCHMARKS, Sample, load_benchmark
+from ecso.eval.benchmarks import UTILITY_BENCHMARKS, load_benchmark
+from ecso.eval.generation import generate_all, progress_bar
 from ecso.eval.judge_prompts import JUDGE_PROMPTS_VERSION, LEAKAGE_PROMPT_VERSION, PAIR_PROMPT_VERSION
 from ecso.eval.judges import GuardJudge, JudgeInput, LocalLLMJudge, OpenAIJudge, RuleJudge
-from ecso.runtime import EcsoError, EcsoOptions, EngineConfig, InputError, PROMPT_VERSION
-
-DEFENSES = ("none", "ecso")
-RUN_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class JudgeSpec:
-    """Which judge reads the answers: rule | llm (a local GGUF; default the demo model) | openai (URL) |
-    guard (a Llama Guard GGUF, or with a URL a guard behind an OpenAI-compatible server) | none."""
-
-    kind: str = "rule"
-    model: Optional[str] = None  # llm / guard: GGUF path or registry name; openai / guard with URL: the model name
-    url: Optional[str] = None
-    mmproj: Optional[str] = None  # llm: a vision projector, so the judge sees images (default: the registry's)
-    max_tokens: Optional[int] = None  # None: per-benchmark default
-    n_ctx: int = 4096
-    prompt_set: str = "official"  # MM-SafetyBench: official (evaluation.py) | ecso (ECSO's query_safety copy)
-    send_images: bool = True  # openai + VLSBench: send the image (as the paper) or the image description
-    retries: int = 3  # openai: retries of a failed call (5xx, 429, network), waiting retry_wait * attempt seconds
-    retry_wait: float = 2.0
-
-    @classmethod
-    def parse(cls, judge: str, model: Optional[str] = None, **kw) -> "JudgeSpec":
-        j = judge.strip()
-        if j.startswith("openai:"):
-            return cls("openai", model, j[len("openai:"):], **kw)
-        if j.startswith("guard:"):
-            return cls("guard", model, j[len("guard:"):], **kw)
-        if j in ("rule", "llm", "guard", "none"):
-            return cls(j, model, None, **kw)
-        raise InputError(f"unknown --judge {judge!r}; use rule, llm, guard, guard:URL, openai:URL or none")
-
-    def validate(self) -> None:
-        """Fails before any generation, not after hours of it."""
-        if self.url is not None:
-            from ecso.eval.judges import chat_endpoint
-
-            chat_endpoint(self.url)
-            if not self.model:
-                raise InputError("an OpenAI-compatible judge needs --judge-model NAME (e.g. gpt-4o, llama-guard3)")
-        if self.kind == "guard" and self.url is None and not self.model:
-            raise InputError("--judge guard needs --judge-model: a Llama Guard 3 GGUF (or guard:URL for a server)")
-        if self.kind in ("llm", "guard") and self.url is None:
-            model = self.local_model()
-            if self.kind == "guard":
-                from ecso.eval.guard import gguf_has_guard_template
-
-                if not gguf_has_guard_template(model):
-                    raise InputError(f"{Path(model).name} has no Llama Guard chat template; --judge guard needs a "
-                                     "Llama Guard 3 GGUF (or use --judge llm for an instruct model)")
-        if self.prompt_set not in ("official", "ecso"):
-            raise InputError(f"unknown judge prompt set {self.prompt_set!r}; use official or ecso")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise InputError("--judge-max-tokens must be at least 1")
-
-    def local_model(self) -> str:
-        return self.local_files()[0]
-
-    def local_files(self) -> tuple[str, Optional[str]]:
-        """(GGUF, vision projector or None) of a local judge: a path, or a registered name (default: the demo
-        model). A registered name brings its projector; --judge-mmproj sets one explicitly."""
-        from ecso.models.registry import resolve
-
-        model, mmproj = self.model or "demo", self.mmproj
-        if not model.endswith(".gguf") and not Path(model).exists():
-            entry = resolve(model)
-            model, mmproj = entry.model, mmproj or entry.mmproj
-        if not Path(model).is_file():
-            raise InputError(f"judge model {model} not found; give --judge-model a GGUF file or a registered name")
-        if mmproj and not Path(mmproj).is_file():
-            raise InputError(f"judge projector {mmproj} not found; give --judge-mmproj an mmproj GGUF")
-        return model, mmproj
+from ecso.eval.run_config import (DEFENSES, RUN_FORMAT, EvalConfig, EvalSummary, JudgeSpec,  # noqa: F401
+                                  answer_sha, check_resumable, generation_identity)
+from ecso.eval.samples import Sample
+from ecso.runtime import EngineConfig, InputError
 
 
-@dataclass
-class EvalConfig:
-    benchmark: str
-    data: str
-    out: str
-    engine: EngineConfig
-    options: EcsoOptions = field(default_factory=EcsoOptions)
-    defenses: tuple[str, ...] = DEFENSES
-    categories: tuple[str, ...] = ()
-    modes: tuple[str, ...] = ()
-    limit: Optional[int] = None
-    images: Optional[str] = None
-    judge: JudgeSpec = field(default_factory=JudgeSpec)
-    leakage: bool = False
-    system_prompt: Optional[str] = None  # sent as the first message of step 1 (a preset's conversation template)
-    query_suffix: str = ""  # appended to every query (MME: LLaVA's short-answer line)
-    preset: Optional[dict] = None  # presets.Preset.record(), kept in run.json
-    force: bool = False
-    retry_errors: bool = False
-    progress: bool = True
+def open_eval_model(config: EngineConfig):
+    """The model under evaluation: the one place where the runner constructs it (an in-process Engine)."""
+    from ecso.runtime import Engine
 
-
-@dataclass
-class EvalSummary:
-    run_dir: str
-    benchmark: str
-    n_samples: int = 0
-    n_input_errors: int = 0  # missing images, malformed rows (recorded, counted, not run)
-    generated: int = 0  # responses written by this invocation
-    reused: int = 0  # responses already in the run folder
-    generation_errors: int = 0
-    judge: Optional[str] = None
-    judged: int = 0
-    judge_errors: int = 0
-    unparsed: int = 0
-    leakage_judged: int = 0
-    leakage_views: tuple[str, ...] = ()  # "text" and, with a judge that sees images, "pair"
-    ecso_flagged: int = 0  # samples whose ECSO self-judge said unsafe (this invocation)
-    first_judge_error: str = ""
-    seconds: float = 0.0
-    repaired_bytes: int = 0  # a torn last line cut off (after a kill)
-    notes: list[str] = field(default_factory=list)
-
-
-def generation_identity(cfg: EvalConfig) -> dict:
-    """What must not change within one run: the model files and everything that shapes an answer."""
-    from ecso.runtime.images import file_fingerprint
-
-    e, o = cfg.engine, cfg.options
-    if not Path(e.model).is_file():
-        raise InputError(f"model file {e.model} not found")
-    if e.mmproj and not Path(e.mmproj).is_file():
-        raise InputError(f"mmproj file {e.mmproj} not found")
-    return {"model": str(e.model), "model_fingerprint": file_fingerprint(e.model), "mmproj": e.mmproj,
-            "mmproj_fingerprint": file_fingerprint(e.mmproj) if e.mmproj else None, "chat_format": e.chat_format,
-            "prompt_version": PROMPT_VERSION, "decision_rule": o.decision_rule, "self_judge": o.judge,
-            "logit_threshold": o.logit_threshold, "max_tokens": o.max_tokens,
-            "caption_max_tokens": o.caption_max_tokens, "judge_max_tokens": o.judge_max_tokens,
-            "temperature": o.temperature, "top_p": o.top_p, "seed": o.seed, "system_prompt": cfg.system_prompt,
-            "query_suffix": cfg.query_suffix or None}
-
-
-_IDENTITY_IGNORED = ("model", "mmproj")  # paths may move; the fingerprints decide
-
-
-def check_resumable(previous: Optional[dict], benchmark: str, identity: dict, force: bool) -> list[str]:
-    """Raises when the run folder holds another benchmark, or (unless forced) answers from other settings."""
-    if previous is None:
-        return []
-    if previous.get("benchmark") != benchmark:
-        raise InputError(f"this run folder holds {previous.get('benchmark')!r}, not {benchmark!r}; use another --out")
-    old = previous.get("generation", {})
-    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in identity.items()
-             if k not in _IDENTITY_IGNORED and old.get(k) != v]
-    if diffs and not force:
-        raise InputError("this run folder was made with other settings (" + "; ".join(diffs) +
-                         "); use a new --out, or --force to add answers from the new settings to it")
-    return [f"--force: continuing with changed settings ({'; '.join(diffs)})"] if diffs else []
+    return Engine(config)
 
 
 class _Engines:
@@ -190,7 +47,10 @@ class _Engines:
         self.loaded: dict[str, object] = {}
 
     def eval_engine(self):
-        return self._get(self.eval_config)
+        key = self._key(self.eval_config)
+        if key not in self.loaded:
+            self.loaded[key] = open_eval_model(self.eval_config)
+        return self.loaded[key]
 
     def judge_engine(self, config: EngineConfig):
         """An engine for a local judge: the eval engine when it is the same model (and projector, if the judge has
@@ -198,17 +58,16 @@ class _Engines:
         the memory)."""
         same_model = str(Path(config.model).resolve()) == str(Path(self.eval_config.model).resolve())
         if same_model and (config.mmproj is None or config.mmproj == self.eval_config.mmproj):
-            return self._get(self.eval_config)
+            return self.eval_engine()
         self.close()
-        return self._get(config)
-
-    def _get(self, config: EngineConfig):
         from ecso.runtime import Engine
 
-        key = f"{Path(config.model).resolve()}|{config.mmproj}"
-        if key not in self.loaded:
-            self.loaded[key] = Engine(config)
-        return self.loaded[key]
+        self.loaded[self._key(config)] = Engine(config)
+        return self.loaded[self._key(config)]
+
+    @staticmethod
+    def _key(config: EngineConfig) -> str:
+        return f"{Path(config.model).resolve()}|{config.mmproj}"
 
     def close(self) -> None:
         for e in self.loaded.values():
@@ -247,6 +106,8 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
         raise InputError(f"unknown defense {', '.join(bad) or '(none given)'}; use none, ecso or both")
     cfg.options.validate()
     cfg.judge.validate()
+    if cfg.regenerate_with_image and cfg.engine.parallel > 1:
+        raise InputError("step 4 with the image runs one request at a time; drop --parallel")
     samples = load_benchmark(cfg.benchmark, cfg.data, cfg.categories, cfg.modes, cfg.limit, cfg.images)
     if not samples:
         raise InputError("the selection is empty: check --category/--scenario/--mode/--limit")
@@ -266,7 +127,7 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
         responses = store.JsonlLog(run_dir / store.RESPONSES_FILE)
         try:
             summary.repaired_bytes += responses.repaired_bytes
-            _generate(cfg, samples, responses, identity, engines, summary)
+            generate_all(cfg, samples, responses, identity, engines.eval_engine, summary)
             utility = bench in UTILITY_BENCHMARKS
             judge = None if utility else make_judge(cfg.judge, engines)
             if utility and cfg.judge.kind != "rule":
@@ -275,6 +136,7 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
                 summary.judge = judge.id
                 run_info["judge"] = judge.id
                 run_info["judges"] = sorted(set(run_info.get("judges", [])) | {judge.id})
+                run_info["judge_details"] = {**run_info.get("judge_details", {}), judge.id: judge.describe()}
                 store.write_json_atomic(run_dir / store.RUN_FILE, run_info)
                 _judge_all(cfg, samples, responses, judge, run_dir, summary)
                 if cfg.leakage:
@@ -285,7 +147,8 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
                     _leakage_all(cfg, samples, judge, views, run_dir, summary)
                     if not judge.sees_images:
                         summary.notes.append(f"judge {judge.id} does not see images: text-alone harm rate only, "
-                                             "no R1 / R2 (use --judge llm with a vision GGUF, or openai:URL)")
+                                             "no pair harm rate or leak share (use --judge llm with a vision GGUF, "
+                                             "or openai:URL)")
                 judge.close()
             elif cfg.leakage:
                 summary.notes.append("--leakage needs a judge; skipped" + (" for utility benchmarks" if utility
@@ -296,6 +159,9 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
     if summary.judge_errors:
         summary.notes.append(f"{summary.judge_errors} judge calls failed and count as unknown (first: "
                              f"{summary.first_judge_error}); run again to retry them")
+    if summary.structured_fallbacks:
+        summary.notes.append(f"structured output was not honoured in {summary.structured_fallbacks} judgments "
+                             "(recorded per judgment): this run is not judged as the paper's judge did")
     if summary.repaired_bytes:
         summary.notes.append(f"cut a torn last line ({summary.repaired_bytes} bytes) left by an interrupted run")
     summary.seconds = time.perf_counter() - t0
@@ -319,121 +185,6 @@ def _run_info(cfg: EvalConfig, bench: str, identity: dict, previous: Optional[di
     return info
 
 
-# --- pass 1: generation -----------------------------------------------------------------------------------------
-def _generate(cfg: EvalConfig, samples: list[Sample], log: store.JsonlLog, identity: dict, engines: _Engines,
-              summary: EvalSummary) -> None:
-    def missing(s: Sample) -> list[str]:
-        out = []
-        for d in cfg.defenses:
-            rec = log.records.get(f"{s.id}|{d}")
-            stale_input_error = rec is not None and rec["status"] == "input_error" and rec["error"] != s.error
-            if rec is None or stale_input_error or (cfg.retry_errors and rec["status"] != "ok"):
-                out.append(d)  # stale: the image was added (or the row fixed) since the last run
-        return out
-
-    todo = [(s, m) for s in samples for m in [missing(s)] if m]
-    summary.reused = len(samples) * len(cfg.defenses) - sum(len(m) for _, m in todo)
-    if not todo:
-        return
-    bar = _bar(cfg, len(samples), len(samples) - len(todo), f"{summary.benchmark}: generate")
-    try:
-        runnable = []
-        for sample, defenses in todo:
-            if sample.error:
-                for d in defenses:
-                    log.append(_record(sample, d, identity, "input_error", error=sample.error))
-                    summary.generated += 1
-                bar.update(1)
-            else:
-                runnable.append((sample, defenses))
-        # each finished request is written (one fsync'd record at a time) before the next result is taken
-        for (sample, defenses), outcome in _outcomes(cfg, runnable, engines.eval_engine()):
-            _write_outcome(sample, defenses, outcome, log, identity, summary)
-            bar.update(1)
-    finally:
-        bar.close()
-
-
-def _options(cfg: EvalConfig, defenses: list[str]):
-    return replace(cfg.options, defense="ecso" in defenses, guard_every=0)
-
-
-def _history(cfg: EvalConfig) -> list:
-    from ecso.runtime import Message
-
-    return [Message("system", cfg.system_prompt)] if cfg.system_prompt else []
-
-
-def _outcomes(cfg: EvalConfig, todo: list, engine):
-    """(item, Result or EcsoError) per item: one at a time, or `--parallel N` requests decoded together (in
-    completion order; records are keyed, so the order in the file does not matter)."""
-    from ecso.runtime import run
-
-    history = _history(cfg)
-    if engine.config.parallel > 1:
-        from ecso.runtime.batch import Request, run_batched
-
-        reqs = [Request(s.image, s.query + cfg.query_suffix, _options(cfg, d), history) for s, d in todo]
-        with contextlib.closing(run_batched(engine, reqs, cfg.options, None)) as outcomes:
-            for i, outcome in outcomes:
-                if not isinstance(outcome, EcsoError) and isinstance(outcome, BaseException):
-                    raise outcome
-                yield todo[i], outcome
-        return
-    for sample, defenses in todo:
-        try:
-            yield (sample, defenses), run(engine, sample.image, sample.query + cfg.query_suffix,
-                                          _options(cfg, defenses), history=history)
-        except EcsoError as e:
-            yield (sample, defenses), e
-
-
-def _write_outcome(sample: Sample, defenses: list[str], result, log: store.JsonlLog, identity: dict,
-                   summary: EvalSummary) -> None:
-    if isinstance(result, EcsoError):  # a corrupt image, a prompt over the context: recorded, counted, the run goes on
-        e = result
-        for d in defenses:
-            log.append(_record(sample, d, identity, "error", error=f"{type(e).__name__}: {e}"))
-            summary.generated += 1
-            summary.generation_errors += 1
-        return
-    trace = result.to_dict()
-    if "ecso" in defenses:
-        summary.ecso_flagged += int(result.unsafe)
-        log.append(_record(sample, "ecso", identity, "ok", answer=result.answer, flagged=result.unsafe, trace=trace,
-                           seconds=result.seconds))
-        summary.generated += 1
-    if "none" in defenses:
-        if "ecso" in defenses:  # the undefended answer is ECSO's step 1: same call, same seed
-            first = trace["steps"][0]
-            none_trace = {"derived_from": f"{sample.id}|ecso", "steps": [first], "engine": trace["engine"],
-                          "options": {**trace["options"], "defense": False}, "prompt_version": result.prompt_version}
-            log.append(_record(sample, "none", identity, "ok", answer=result.initial_answer, trace=none_trace,
-                               seconds=first["seconds"]))
-        else:
-            log.append(_record(sample, "none", identity, "ok", answer=result.answer, trace=trace,
-                               seconds=result.seconds))
-        summary.generated += 1
-
-
-def _record(sample: Sample, defense: str, identity: dict, status: str, answer: Optional[str] = None,
-            flagged: Optional[bool] = None, trace: Optional[dict] = None, error: Optional[str] = None,
-            seconds: Optional[float] = None) -> dict:
-    return {
-        "key": f"{sample.id}|{defense}", "sample_id": sample.id, "defense": defense, "benchmark": sample.benchmark,
-        "category": sample.category, "mode": sample.mode, "status": status, "error": error, "answer": answer,
-        "ecso_flagged": flagged, "model_fingerprint": identity["model_fingerprint"],
-        "mmproj_fingerprint": identity["mmproj_fingerprint"], "prompt_version": identity["prompt_version"],
-        "decision_rule": identity["decision_rule"], "self_judge": identity["self_judge"], "seed": identity["seed"],
-        "temperature": identity["temperature"], "top_p": identity["top_p"], "max_tokens": identity["max_tokens"],
-        "seconds": seconds, "trace": trace, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def answer_sha(answer: str) -> str:
-    return hashlib.sha256(answer.encode("utf-8")).hexdigest()[:16]
-
-
 # --- pass 2: judging --------------------------------------------------------------------------------------------
 def _judge_all(cfg: EvalConfig, samples: list[Sample], responses: store.JsonlLog, judge, run_dir: Path,
                summary: EvalSummary) -> None:
@@ -452,7 +203,7 @@ def _judge_all(cfg: EvalConfig, samples: list[Sample], responses: store.JsonlLog
                 todo.append((s, d, resp))
         if not todo:
             return
-        bar = _bar(cfg, len(todo), 0, f"{summary.benchmark}: judge ({judge.id})")
+        bar = progress_bar(cfg, len(todo), 0, f"{summary.benchmark}: judge ({judge.id})")
         try:
             for s, d, resp in todo:
                 item = JudgeInput(s.benchmark, s.category, s.query, resp["answer"], s.image,
@@ -467,6 +218,7 @@ def _judge_all(cfg: EvalConfig, samples: list[Sample], responses: store.JsonlLog
                 if j.parse == "error" and not summary.first_judge_error:
                     summary.first_judge_error = j.error
                 summary.unparsed += j.parse == "unparsed"
+                summary.structured_fallbacks += j.structured == "fallback"
                 bar.update(1)
         finally:
             bar.close()
@@ -491,20 +243,13 @@ def _leakage_all(cfg: EvalConfig, samples: list[Sample], judge, views: tuple[str
                 if s.query.strip() and pending(s)]
         if not todo:
             return
-        bar = _bar(cfg, len(todo), 0, f"{summary.benchmark}: leakage ({judge.id})")
+        bar = progress_bar(cfg, len(todo), 0, f"{summary.benchmark}: leakage ({judge.id})")
         try:
             summary.leakage_judged += judge_leakage(todo, judge, log, views, on_done=lambda: bar.update(1))
         finally:
             bar.close()
     finally:
         log.close()
-
-
-def _bar(cfg: EvalConfig, total: int, initial: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="sample", file=sys.stderr, disable=not cfg.progress,
-                dynamic_ncols=True, smoothing=0.1)
 
 
 def summary_dict(s: EvalSummary) -> dict:

@@ -2,11 +2,13 @@
 
 RUN_DIR/
   run.json          the configuration: benchmark, selection, generation settings (model fingerprints, prompt
-                    version, decision rule, seed, temperature...), judges used
+                    version, decision rule, seed, temperature, system prompt...), the preset, the judges used and
+                    what each is (`judge_details`: where it runs, its base URL and host, the model asked for)
   samples.jsonl     the current selection (the report's denominator), replaced atomically on every `ecso eval`
   responses.jsonl   one record per (sample id, defense): answer + the full ECSO trace, or why there is none
   judgments.jsonl   one record per (sample id, defense, judge id): kept apart so a run can be re-judged
-  leakage.jsonl     one record per (sample id, judge id): is the harm visible in the text query alone?
+  leakage.jsonl     one record per (sample id, judge id, view): is the query harmful from its text alone, and (with
+                    a judge that sees images) as an image + text pair?
 
 Every record is written with one write() of a full line, flushed and fsync'd. A process killed mid-write leaves
 at most a torn last line without its newline; opening the log for writing cuts it off (reading ignores it). The

@@ -49,6 +49,9 @@ class EcsoOptions:
     defense: bool = True  # False: step 1 only (the undefended baseline, same engine)
     guard_every: int = 0  # guarded streaming: judge the partial answer every N tokens (0: off)
     guard_threshold: float = 0.5
+    # the conversation's system prompt in every step's prompt (1-4), as ECSO's released scripts use one conversation
+    # template for all four; None: the chat format's default system prompt (and a system message in `history`)
+    system_prompt: Optional[str] = None
 
     def validate(self) -> None:
         if self.judge not in JUDGES:
@@ -61,6 +64,8 @@ class EcsoOptions:
             raise InputError("temperature must be >= 0 and top_p in (0, 1]")
         if self.guard_every < 0:
             raise InputError("guard_every must be >= 0")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise InputError("system_prompt must be a string (or None for the chat format's default)")
 
 
 @dataclass
@@ -172,7 +177,9 @@ def prepare_request(engine: Engine, image: Optional[ImageSource], query: str, op
     t_start = time.perf_counter()
     loaded = engine.load_image(image) if image is not None else None
     cache_hit = loaded is not None and engine.has_encoded(loaded)
-    prompts = StepPrompts(engine, loaded, query, history)
+    if options.system_prompt is not None and any(m.role == "system" for m in history):
+        raise InputError("give the system prompt once: EcsoOptions.system_prompt or a system message in the history")
+    prompts = StepPrompts(engine, loaded, query, history, options.system_prompt)
     return _Request(engine, prompts, options, emit, cache_hit, t_start, heads)
 
 
@@ -229,10 +236,14 @@ class StepPrompts:
     Every text inserted into a prompt (the query, history turns, the model's answer, the caption) is neutralised
     first, so no user or model text can ever become a control token such as `</s>` or `<|im_end|>`."""
 
-    def __init__(self, engine: Engine, image: Optional[LoadedImage], query: str, history: Sequence[Message] = ()):
+    def __init__(self, engine: Engine, image: Optional[LoadedImage], query: str, history: Sequence[Message] = (),
+                 system_prompt: Optional[str] = None):
         self.e, self.image = engine, image
         self.query = engine.clean_user_text(query)
-        self.history = [Message(m.role, engine.clean_user_text(m.content)) for m in history]
+        # `system_prompt` opens every step's prompt (None: the chat format's default); step 1 and the appended
+        # judges then continue with the history
+        self.system = [Message("system", engine.clean_user_text(system_prompt))] if system_prompt is not None else []
+        self.history = self.system + [Message(m.role, engine.clean_user_text(m.content)) for m in history]
 
     def _user(self, text: str) -> list[Message]:
         return [Message("user", text)]
@@ -244,15 +255,16 @@ class StepPrompts:
     def judge(self, answer: str) -> Prompt:
         """Step 2 (paper / logit judge): TELL with the query and the answer, with the image."""
         answer = self.e.clean_user_text(answer[:TELL_RESPONSE_CHARS])
-        return self.e.build_prompt(self._user(tell_prompt(self.query, answer)), self.image)[0]
+        return self.e.build_prompt(self.system + self._user(tell_prompt(self.query, answer)), self.image)[0]
 
     def caption(self) -> Prompt:
         """Step 3: CAP, the query-aware caption request, with the image."""
-        return self.e.build_prompt(self._user(cap_prompt(self.query)), self.image)[0]
+        return self.e.build_prompt(self.system + self._user(cap_prompt(self.query)), self.image)[0]
 
     def regenerate(self, caption: str) -> Prompt:
         """Step 4: GEN from the caption and the query, without the image."""
-        return self.e.build_prompt(self._user(gen_prompt(self.e.clean_user_text(caption), self.query)), None)[0]
+        msgs = self.system + self._user(gen_prompt(self.e.clean_user_text(caption), self.query))
+        return self.e.build_prompt(msgs, None)[0]
 
     def appended(self, answer_prompt: Prompt, answer_tokens: Sequence[int], answer: str, question: str) -> Prompt:
         """Step 2 (append judges): the whole conversation, step 1's answer included, plus `question` as a new user

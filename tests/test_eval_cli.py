@@ -86,7 +86,7 @@ def test_vlsbench_fixture_with_leakage(tmp_path):
     assert r.returncode == 0, r.stderr
     report = check_run(out, 5, 1)
     assert "refusal" in r.stdout and "## Visual safety information leakage" in r.stdout
-    assert "no R1 / R2 (this judge does not see images)" in r.stdout
+    assert "no pair harm rate or leak share (this judge does not see images)" in r.stdout
     rule = RuleJudge()
     samples = lines(out / "samples.jsonl")
     leaks = {s["id"]: rule.text_harm(s["query"]).label == "harmful" for s in samples}

@@ -128,8 +128,8 @@ def test_local_guard_judge_runs_end_to_end_on_vlsbench(guard_gguf, tmp_path):
     assert {x["view"] for x in leak} == {"text"} and len(leak) == 5  # a guard reads text: no image + text view
     assert all(x["label"] == guard_verdict("harm", x["raw"])[0] for x in leak)
     report = json.loads((out / "report.json").read_text())
-    assert not report["judge_is_paper"] and "not the paper's" in r.stdout
-    assert "no R1 / R2" in r.stdout
+    assert not report["judge_is_paper"] and "**Not the paper's judge**: it is a guard judge" in r.stdout
+    assert "no pair harm rate or leak share" in r.stdout
 
 
 def test_judge_whose_template_rejects_the_system_role_leaves_its_samples_unknown(guard_gguf, tmp_path):

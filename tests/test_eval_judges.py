@@ -20,8 +20,9 @@ class FakeJudgeServer:
     """An OpenAI-compatible /v1/chat/completions on 127.0.0.1 answering with recorded replies, keeping requests.
     `reply(body) -> str | (status, text)`: a content string, or an HTTP error status with its body."""
 
-    def __init__(self, reply):
+    def __init__(self, reply, model: str | None = None):
         self.reply = reply
+        self.model = model  # the "model" field of each reply (None: left out, as some servers do)
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         server = self
@@ -36,8 +37,10 @@ class FakeJudgeServer:
                     status, payload = out[0], out[1].encode()
                 else:
                     status = 200 if self.path == "/v1/chat/completions" else 404
-                    payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant",
-                                                                               "content": out}}]}).encode()
+                    data = {"choices": [{"index": 0, "message": {"role": "assistant", "content": out}}]}
+                    if server.model:
+                        data["model"] = server.model
+                    payload = json.dumps(data).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))

@@ -1,5 +1,6 @@
 """Paper presets record exactly the published settings in run.json and reach the judge; report headers say when
-the judge is not the paper's; several runs give one summary of safety and utility side by side (md, json, png)."""
+the judge or the settings are not the paper's (a local endpoint never is, whatever model name it was given);
+several runs give one summary of safety and utility side by side (md, json, png)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from test_eval_report import vls_run  # noqa: F401 - fixture
 from test_eval_utility import _mme_run
 
 from ecso.eval import judge_prompts as P
-from ecso.eval.presets import LLAVA_V1_SYSTEM, PRESETS, VICUNA_V1_SYSTEM, judge_matches_paper
+from ecso.eval.presets import LLAVA_V1_SYSTEM, PRESETS, VICUNA_V1_SYSTEM
 from ecso.eval.report import write_summary
 
 FAST = ("--ctx", "4096", "--no-progress")
 
 
-def test_vlsbench_preset_records_the_published_settings_and_uses_the_papers_judge(tmp_path):
+def test_vlsbench_preset_records_the_published_settings_and_a_local_gpt4o_is_not_the_papers_judge(tmp_path):
     root = write_vlsbench(tmp_path / "vlsbench")
     out = tmp_path / "run"
     reply = '{"label": 3, "label_str": "Unsafe", "explanation": "answers"}'
@@ -39,8 +40,12 @@ def test_vlsbench_preset_records_the_published_settings_and_uses_the_papers_judg
     steps = json.loads((out / "responses.jsonl").read_text().splitlines()[0])["trace"]["steps"]
     assert steps[0]["generated_tokens"] <= 128
     report = json.loads((out / "report.json").read_text())
-    assert report["judge_is_paper"] and "Judge matches the paper's" in r.stdout
-    assert "Preset `vlsbench`" in r.stdout
+    host = f"127.0.0.1:{srv.url.split(':')[2].split('/')[0]}"
+    details = run["judge_details"][run["judge"]]
+    assert details["host"] == host and details["model"] == "gpt-4o"
+    assert report["judge_is_paper"] is False and "**Not the paper's judge**" in r.stdout and host in r.stdout
+    assert report["judge_check"]["structured_fallbacks"] == 0  # the fake replied with exactly the schema
+    assert report["settings"]["is_paper"] and "Preset `vlsbench`" in r.stdout
 
 
 def test_ecso_paper_preset_selects_the_papers_scenarios_prompt_and_limits(tmp_path):
@@ -61,17 +66,9 @@ def test_ecso_paper_preset_selects_the_papers_scenarios_prompt_and_limits(tmp_pa
     assert "max_tokens" not in srv.requests[0]  # ECSO's GPT-4 judge sets none
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert samples[0]["id"].startswith("01-Illegal_Activitiy/SD/")
-    assert "Judge matches the paper's" in r.stdout and "preset deviation: ecso applies one token limit" in r.stdout
-
-
-def test_report_header_says_when_the_judge_is_not_the_papers():
-    assert judge_matches_paper("vlsbench", "openai:gpt-4o@api.openai.com")[0]
-    assert not judge_matches_paper("vlsbench", "openai:gpt-4o@api.openai.com+text-only")[0]
-    assert not judge_matches_paper("vlsbench", "rule@rules-2025.1")[0]
-    assert judge_matches_paper("mm-safetybench", "openai:gpt-4@h+ecso")[0]
-    assert not judge_matches_paper("mm-safetybench", "openai:gpt-4@h")[0]  # MM-SafetyBench's own prompt
-    ok, sentence = judge_matches_paper("vlsafe", "guard:llm:lg3.gguf@abc")
-    assert not ok and "not the paper's" in sentence and "GPT-4" in sentence
+    assert "**Not the paper's judge**" in r.stdout and "Settings: the paper's (`--preset ecso-paper`" in r.stdout
+    assert ("- step 4 (answer again): token limit 1024 new tokens in ECSO's release, 2048 new tokens in ecso "
+            "(ecso's step 4 takes step 1's limit (one --max-tokens for both))") in r.stdout
 
 
 def test_summary_shows_safety_and_utility_side_by_side(vls_run, tmp_path):  # noqa: F811
@@ -81,9 +78,11 @@ def test_summary_shows_safety_and_utility_side_by_side(vls_run, tmp_path):  # no
     assert rows["vlsbench"]["values"] == {"none": 33.33, "ecso": 33.33} and rows["vlsbench"]["kind"] == "safety"
     assert rows["mme"]["values"] == {"none": 300.0, "ecso": 175.0} and rows["mme"]["ecso_flag_rate"] == 37.5
     assert rows["vlsbench"]["ecso_flag_rate"] == 50.0 and rows["mme"]["score_changed"] == 2
-    assert "| VLSBench (safety) | safe rate % | 33.33 | 33.33 | 0.00 | 50.00 | 6 | paper's |" in s.markdown
+    # the fixture's judge has no recorded host (not the paper's) and neither run used a preset
+    assert ("| VLSBench (safety) | safe rate % | 33.33 | 33.33 | 0.00 | 50.00 | 6 | **not the paper's judge or "
+            "settings** |") in s.markdown
     mme_row = ("| MME (utility) | MME perception score (max 400, 2 of 10 subtasks) | 300.00 | 175.00 | -125.00 | "
-               "37.50 | 8 |")
+               "37.50 | 8 | **not the paper's settings** |")
     assert mme_row in s.markdown
     out = Path(s.files["png"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and json.loads((tmp_path / "summary" / "summary.json")

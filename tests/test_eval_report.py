@@ -141,8 +141,8 @@ def test_mmsb_table_is_per_scenario_and_image_mode(tmp_path):
                    ("TYPO", "none"): (50.0, 0.0, 1), ("TYPO", "ecso"): (50.0, 0.0, 1)}
     assert _cell(d, sc, "none", "TYPO")["unknown"] == {"not_generated": 1}
     assert d["modes"] == ["SD", "TYPO"]
-    assert f"| {sc} | 0.00 | 50.00 | 50.00 | 50.00 | 2 | 3/3 | 1/1 |" in rep.markdown  # harmless table
-    assert f"| {sc} | 100.00 | 50.00 | 0.00 | 0.00 | 2 | 3/3 | 1/1 |" in rep.markdown  # attack table
+    assert f"| {sc} | 0.00 | 50.00 | 50.00 | 50.00 | 4 | 3/3 | 1/1 |" in rep.markdown  # harmless table
+    assert f"| {sc} | 100.00 | 50.00 | 0.00 | 0.00 | 4 | 3/3 | 1/1 |" in rep.markdown  # attack table
     saved = json.loads((run / "report.json").read_text())
     assert saved["cells"] == d["cells"] and (run / "report.md").read_text() == rep.markdown
     pytest.importorskip("matplotlib")

@@ -13,7 +13,7 @@ from test_eval_report import _response, write_run
 
 from ecso.eval.benchmarks import load_benchmark
 from ecso.eval.report import build_report
-from ecso.eval.utility import load_mme, mme_answer
+from ecso.eval.mme import load_mme, mme_answer
 
 FAST = ("--max-tokens", "8", "--ctx", "2048", "--no-progress")
 

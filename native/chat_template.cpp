@@ -1,6 +1,7 @@
 // llama.cpp's Jinja engine behind JinjaTemplate (see chat_template.hpp). The only file that sees common/jinja.
 #include "chat_template.hpp"
 
+#include <cstring>
 #include <exception>
 
 #include "errors.hpp"
@@ -13,12 +14,18 @@
 namespace ecso {
 namespace {
 
-// llama.cpp's Jinja errors quote the template source over several lines: the first line says what went wrong.
-std::string first_line(const std::string &s) {
-    size_t nl = s.find('\n');
-    std::string line = s.substr(0, nl);
-    return line.empty() ? "unknown error" : line;
+// llama.cpp's Jinja errors quote the template source over several lines ("While executing ... Error: <what>"): the
+// message is the last "Error: " line, else the first non-empty line.
+std::string one_line(const std::string &s) {
+    std::string text = s;
+    size_t err = text.rfind("Error: ");
+    if (err != std::string::npos) text = text.substr(err + 7);
+    size_t start = text.find_first_not_of(" \n\r\t");
+    if (start == std::string::npos) return "unknown error";
+    return text.substr(start, text.find('\n', start) - start);
 }
+
+const char *const kRaised = "Jinja Exception: ";  // what raise_exception(msg) throws
 
 common_json message_json(const TemplateMessage &m) {
     common_json msg = common_json::object();
@@ -56,7 +63,7 @@ JinjaTemplate::JinjaTemplate(const std::string &source) : impl_(new Impl) {
         impl_->source = tokens.source;
     } catch (const std::exception &e) {
         throw model_error("the model's chat template is not valid Jinja for llama.cpp's template engine (" +
-                          first_line(e.what()) + "); use chat format llava-1.5");
+                          one_line(e.what()) + "); use chat format llava-1.5");
     }
 }
 
@@ -77,13 +84,13 @@ std::string JinjaTemplate::render(const std::vector<TemplateMessage> &messages, 
         jinja::runtime runtime(ctx);
         const jinja::value result = runtime.execute(impl_->program);
         return jinja::runtime::gather_string_parts(result)->as_string().str();
-    } catch (const jinja::raised_exception &e) {
-        throw model_error(std::string("the chat template refused the conversation: ") + first_line(e.what()));
     } catch (const Error &) {
         throw;
     } catch (const std::exception &e) {
-        throw model_error("the model's chat template failed to render (" + first_line(e.what()) +
-                          "); use chat format llava-1.5");
+        std::string what = one_line(e.what());
+        if (what.compare(0, std::strlen(kRaised), kRaised) == 0)
+            throw model_error("the chat template refused the conversation: " + what.substr(std::strlen(kRaised)));
+        throw model_error("the model's chat template failed to render (" + what + "); use chat format llava-1.5");
     }
 }
 

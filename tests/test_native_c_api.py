@@ -110,7 +110,7 @@ def test_bad_requests_closed_engine_and_overflow_return_errors(libecso, tmp_path
         img = image(PATH, {street!r}.encode())
         run("null_query", img, None)
         run("empty_query", img, b"  ")
-        run("invalid_utf8_query", img, b"caf\xc3 \xff")
+        run("invalid_utf8_query", img, b"caf\\xc3 \\xff")
         run("no_path_no_data", image(PATH), b"q")
         run("missing_image", image(PATH, b"/nonexistent.png"), b"q")
         run("not_an_image", image(PATH, {not_image!r}.encode()), b"q")

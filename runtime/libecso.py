@@ -248,7 +248,7 @@ class NativeEngine:
                 errors.append(e)
                 self.cancel()
 
-        cb = _EVENT_FN(forward)
+        cb = _EVENT_FN(forward) if on_event is not None else _EVENT_FN()  # NULL: no per-token calls into Python
         out = ctypes.c_void_p()
         status = self._lib.ecso_run(self._h, ctypes.byref(img) if img is not None else None,
                                     _text(query) if query is not None else None, ctypes.byref(opts), cb, None,

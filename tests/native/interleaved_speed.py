@@ -4,7 +4,9 @@ every round), so a shared, noisy machine's load hits all of them alike:
 - request seconds of the safe path (answer + appended logit judge, 32 tokens, cold caches): native, Python.
 Prints the medians and the medians of the per-round ratios.
 
-    python tests/native/interleaved_speed.py LLM.gguf MMPROJ.gguf ROUNDS   (after cmake --build build)
+    python tests/native/interleaved_speed.py LLM.gguf MMPROJ.gguf ROUNDS [THREADS]   (after cmake --build build)
+
+THREADS (default: all cores) = 1 keeps OpenMP's thread barriers out of the numbers on an oversubscribed machine.
 """
 import statistics
 import sys
@@ -17,7 +19,8 @@ from ecso.runtime.libecso import NativeEngine
 from ecso.eval.speed import default_model_params_without_repack
 
 llm_path, mmproj, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-cfg = EngineConfig(model=llm_path, mmproj=mmproj)
+threads = int(sys.argv[4]) if len(sys.argv) > 4 else None
+cfg = EngineConfig(model=llm_path, mmproj=mmproj, n_threads=threads)
 engine = Engine(cfg)
 native = NativeEngine(cfg)  # build/libecso.so of this checkout, or $ECSO_LIBECSO
 PROMPT = "Write a long story about a lighthouse keeper."

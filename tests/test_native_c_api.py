@@ -244,3 +244,24 @@ def test_ecso_native_cli_prints_the_same_json_result_as_ecso_run(libecso, demo_f
     assert set(p) <= set(n) | {"engine"} and n["judge_score"] == pytest.approx(p["judge_score"], abs=1e-9)
     bad = run_cli(str(libecso.parent / "ecso-native"), "--model", "/nonexistent.gguf", "q")
     assert bad.returncode == 3 and bad.stderr.startswith("ecso-native: error: model file not found")
+
+
+def test_ecso_native_conversation_flags_match_the_python_api_history(libecso, demo_engine, demo_files, street_png):
+    from conftest import run_cli
+    from ecso.runtime import Message, run
+
+    turns = [("--system", "system", "Answer briefly."), ("--user", "user", "Hi."),
+             ("--assistant", "assistant", "Hello! What can I do?")]
+    flags = [x for flag, _, text in turns for x in (flag, text)]
+    nat = run_cli(str(libecso.parent / "ecso-native"), "--model", demo_files[0], "--mmproj", demo_files[1],
+                  "--image", str(street_png), "--max-tokens", "8", "--judge", "append-logit", "--ctx", "2048",
+                  "--json", *flags, "What is happening here?")
+    assert nat.returncode == 0, nat.stderr
+    demo_engine.reset()
+    demo_engine.image_cache.clear()
+    py = run(demo_engine, street_png, "What is happening here?", EcsoOptions(max_tokens=8, judge="append-logit"),
+             history=[Message(role, text) for _, role, text in turns])
+    n = json.loads(nat.stdout)
+    assert (n["answer"], n["unsafe"]) == (py.answer, py.unsafe)
+    assert n["judge_score"] == pytest.approx(py.judge_score, abs=1e-9)
+    assert n["steps"][0]["prompt_positions"] == py.steps[0].prompt_positions

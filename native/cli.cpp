@@ -24,7 +24,9 @@ const char *kUsage =
     "        --chat-format auto|llava-1.5|gguf  -v/--verbose\n"
     "ecso:   -i/--image PATH  --max-tokens N (512)  --temperature T (0)  --top-p P (1)  --seed N (0)\n"
     "        --judge paper|logit|append|append-logit|always-unsafe  --rule exact|contains  --threshold P (0.5)\n"
-    "        --guard-every N (0)  --no-reuse  --no-defense  --stream | --no-stream  --json\n";
+    "        --guard-every N (0)  --no-reuse  --no-defense  --stream | --no-stream  --json\n"
+    "conversation (earlier turns, in order, before QUERY; repeatable):\n"
+    "        --system TEXT  --user TEXT  --assistant TEXT\n";
 
 int exit_code(ecso_status s) {
     switch (s) {
@@ -53,11 +55,22 @@ void on_event(const ecso_event *ev, void *) {
     }
 }
 
+struct Turn {
+    int32_t role;
+    std::string content;
+};
+
 }  // namespace
 
 int main(int argc, char **argv) {
-    ecso_config cfg = ecso_config_default();
-    ecso_options opt = ecso_options_default();
+    if (ecso_abi_version() != ECSO_ABI_VERSION)
+        return die("libecso has ABI " + std::to_string(ecso_abi_version()) + " but ecso-native was built for " +
+                   std::to_string(ECSO_ABI_VERSION) + "; rebuild it against this libecso", 1);
+    ecso_config cfg;
+    ecso_options opt;
+    if (ecso_config_init(&cfg, sizeof cfg) != ECSO_OK || ecso_options_init(&opt, sizeof opt) != ECSO_OK)
+        return die(ecso_last_error(), 1);
+    std::vector<Turn> history;
     std::string model, mmproj, image, query, chat_format = "auto", cpu_repack = "auto", judge = "paper", rule = "exact";
     bool have_query = false, as_json = false;
     int stream = -1;
@@ -102,6 +115,9 @@ int main(int argc, char **argv) {
             else if (a == "--stream") stream = 1;
             else if (a == "--no-stream") stream = 0;
             else if (a == "--json") as_json = true;
+            else if (a == "--system") history.push_back({ECSO_ROLE_SYSTEM, next("--system")});
+            else if (a == "--user") history.push_back({ECSO_ROLE_USER, next("--user")});
+            else if (a == "--assistant") history.push_back({ECSO_ROLE_ASSISTANT, next("--assistant")});
             else if (a.size() > 1 && a[0] == '-' && a != "-") return die("unknown option " + a + " (see --help)", 2);
             else if (have_query) return die("give one QUERY (quote it)", 2);
             else query = a, have_query = true;
@@ -118,16 +134,39 @@ int main(int argc, char **argv) {
     }
     cfg.model = model.c_str();
     cfg.mmproj = mmproj.empty() ? nullptr : mmproj.c_str();
-    cfg.chat_format = chat_format.c_str();
-    cfg.cpu_repack = cpu_repack.c_str();
-    opt.judge = judge.c_str();
-    opt.decision_rule = rule.c_str();
+    // string forms of the choices live here, in the flags; the C API takes enums
+    if (chat_format == "auto") cfg.chat_format = ECSO_CHAT_FORMAT_AUTO;
+    else if (chat_format == "llava-1.5") cfg.chat_format = ECSO_CHAT_FORMAT_LLAVA15;
+    else if (chat_format == "gguf") cfg.chat_format = ECSO_CHAT_FORMAT_GGUF;
+    else return die("unknown chat format '" + chat_format + "'; use auto, llava-1.5 or gguf", 2);
+    if (cpu_repack == "auto") cfg.cpu_repack = ECSO_CPU_REPACK_AUTO;
+    else if (cpu_repack == "on") cfg.cpu_repack = ECSO_CPU_REPACK_ON;
+    else if (cpu_repack == "off") cfg.cpu_repack = ECSO_CPU_REPACK_OFF;
+    else return die("unknown cpu repack setting '" + cpu_repack + "'; use one of auto, on, off", 2);
+    opt.judge = ecso_judge_from_name(judge.c_str());
+    if (opt.judge < 0) {
+        std::string names;
+        for (int32_t j = 0; ecso_judge_name(j); ++j) names += (j ? ", " : "") + std::string(ecso_judge_name(j));
+        return die("unknown judge '" + judge + "'; use one of " + names, 2);
+    }
+    opt.decision_rule = ecso_decision_rule_from_name(rule.c_str());
+    if (opt.decision_rule < 0) {
+        std::string names;
+        for (int32_t r = 0; ecso_decision_rule_name(r); ++r) names += (r ? ", " : "") + std::string(ecso_decision_rule_name(r));
+        return die("unknown decision rule '" + rule + "'; use one of " + names, 2);
+    }
+    std::vector<ecso_turn> turns;
+    for (const auto &t : history) turns.push_back({t.role, t.content.c_str()});
+    opt.history = turns.data();
+    opt.n_history = (int32_t)turns.size();
     if (stream < 0) stream = isatty(STDOUT_FILENO) && !as_json;
 
     ecso_engine *engine = nullptr;
     ecso_status rc = ecso_open(&cfg, &engine);
     if (rc != ECSO_OK) return die(ecso_last_error(), exit_code(rc));
-    ecso_image img{};
+    ecso_image img;
+    ecso_image_init(&img, sizeof img);
+    img.kind = ECSO_IMAGE_PATH;
     img.path = image.c_str();
     ecso_result *result = nullptr;
     rc = ecso_run(engine, image.empty() ? nullptr : &img, query.c_str(), &opt, stream ? on_event : nullptr, nullptr,

@@ -105,7 +105,8 @@ std::string file_fingerprint(const std::string &path) {
 }  // namespace
 
 ImageEntry::~ImageEntry() {
-    if (chunk) mtmd_input_chunk_free(chunk);
+    for (auto &part : parts)
+        if (part.chunk) mtmd_input_chunk_free(part.chunk);
 }
 
 CpuRepackChoice choose_cpu_repack(const std::string &setting) {
@@ -180,10 +181,11 @@ void Engine::load() {
     vocab_ = llama_model_get_vocab(model_);
     n_vocab_ = llama_vocab_n_tokens(vocab_);
     n_embd_ = llama_model_n_embd(model_);
+    n_embd_inp_ = llama_model_n_embd_inp(model_);  // image embedding rows (Qwen3-VL: n_embd x (1 + deepstack))
     // the chat format before the context: an unknown template fails without allocating the KV cache
     const char *tmpl = llama_model_chat_template(model_, nullptr);
     chat_format_ = ChatFormat::choose(cfg.chat_format, tmpl ? tmpl : "", token_bytes_text(llama_vocab_bos(vocab_)),
-                                      llama_vocab_get_add_bos(vocab_));
+                                      token_bytes_text(llama_vocab_eos(vocab_)), llama_vocab_get_add_bos(vocab_));
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = cfg.n_ctx;
     cp.n_batch = cp.n_ubatch = std::min(cfg.n_batch, cfg.n_ctx);
@@ -365,30 +367,51 @@ std::shared_ptr<ImageEntry> Engine::image_entry(const Image &image) {
     mtmd_input_text text{marker.c_str(), marker.size(), false, true};
     const mtmd_bitmap *bitmaps[1] = {bitmap};
     int32_t rc = mtmd_tokenize(mctx_, chunks, &text, bitmaps, 1);
-    const mtmd_input_chunk *chunk = nullptr;
-    if (rc == 0)
-        for (size_t i = 0; i < mtmd_input_chunks_size(chunks); ++i) {
-            const mtmd_input_chunk *c = mtmd_input_chunks_get(chunks, i);
-            if (mtmd_input_chunk_get_type(c) == MTMD_INPUT_CHUNK_TYPE_IMAGE) chunk = c;
+    bool other_kind = false;
+    for (size_t i = 0; rc == 0 && i < mtmd_input_chunks_size(chunks); ++i) {
+        const mtmd_input_chunk *c = mtmd_input_chunks_get(chunks, i);
+        ImagePart part;
+        if (mtmd_input_chunk_get_type(c) == MTMD_INPUT_CHUNK_TYPE_TEXT) {
+            size_t n = 0;
+            const llama_token *toks = mtmd_input_chunk_get_tokens_text(c, &n);
+            if (n == 0) continue;
+            part.tokens.assign(toks, toks + n);
+            part.n_tokens = part.n_pos = (int32_t)n;
+        } else if (mtmd_input_chunk_get_type(c) == MTMD_INPUT_CHUNK_TYPE_IMAGE) {
+            part.chunk = mtmd_input_chunk_copy(c);
+            part.n_tokens = (int32_t)mtmd_input_chunk_get_n_tokens(c);
+            part.n_pos = mtmd_input_chunk_get_n_pos(c);
+        } else {
+            other_kind = true;
+            continue;
         }
-    if (chunk) {
-        entry->chunk = mtmd_input_chunk_copy(chunk);
-        entry->n_tokens = (int32_t)mtmd_input_chunk_get_n_tokens(chunk);
-        entry->n_pos = mtmd_input_chunk_get_n_pos(chunk);
+        entry->n_tokens += part.n_tokens, entry->n_pos += part.n_pos;
+        entry->parts.push_back(std::move(part));
     }
     mtmd_input_chunks_free(chunks);
     mtmd_bitmap_free(bitmap);
     if (rc != 0) throw image_error("llama.cpp could not preprocess the image (mtmd_tokenize=" + std::to_string(rc) + ")");
-    if (!entry->chunk) throw image_error("llama.cpp produced no image tokens for the image");
+    if (other_kind)
+        throw image_error("llama.cpp turned the image into a non-image chunk; this mmproj is not a vision projector "
+                          "ecso supports");
+    bool has_image = false;
+    for (const auto &part : entry->parts) has_image = has_image || part.chunk;
+    if (!has_image) throw image_error("llama.cpp produced no image tokens for the image");
     image_cache_.emplace_front(image.key, entry);
     while ((int32_t)image_cache_.size() > std::max(0, config.image_cache_entries)) image_cache_.pop_back();
     return entry;
 }
 
-std::vector<float> Engine::encode(const ImageEntry &entry) {
-    if (mtmd_encode_chunk(mctx_, entry.chunk) != 0) throw engine_error("the vision encoder failed (mtmd_encode_chunk)");
-    const float *p = mtmd_get_output_embd(mctx_);
-    return std::vector<float>(p, p + (size_t)entry.n_tokens * llama_model_n_embd_inp(model_));
+std::vector<std::vector<float>> Engine::encode(const ImageEntry &entry) {
+    std::vector<std::vector<float>> out;
+    for (const auto &part : entry.parts) {
+        if (!part.chunk) continue;
+        int32_t rc = mtmd_encode_chunk(mctx_, part.chunk);
+        if (rc != 0) throw engine_error("the vision encoder failed (mtmd_encode_chunk=" + std::to_string(rc) + ")");
+        const float *p = mtmd_get_output_embd(mctx_);
+        out.emplace_back(p, p + (size_t)part.n_tokens * n_embd_inp_);
+    }
+    return out;
 }
 
 // ------------------------------------------------------------------------------------------------------ prompts
@@ -486,7 +509,7 @@ PrefillStats Engine::prefill(const Prompt &prompt, bool reuse) {
             decode_text(piece.tokens, pos);
         } else {
             ImageEntry &entry = *prompt.images.at(piece.key);
-            std::vector<float> fresh;  // the naive path encodes again and keeps nothing
+            std::vector<std::vector<float>> fresh;  // the naive path encodes again and keeps nothing
             if (!reuse || entry.embd.empty()) {
                 double te = now();
                 fresh = encode(entry);
@@ -524,13 +547,28 @@ void Engine::decode_text(const std::vector<int32_t> &tokens, int32_t pos0) {
     }
 }
 
-void Engine::decode_image(const ImageEntry &entry, const std::vector<float> &embd, int32_t pos) {
+// The whole block: its marker tokens as text, each image chunk from its embeddings (mtmd sets the positions: M-RoPE
+// grids for Qwen2-VL, non-causal attention for Gemma 3).
+void Engine::decode_image(const ImageEntry &entry, const std::vector<std::vector<float>> &embd, int32_t pos) {
     if (observer) observer(true, {}, pos, entry.n_pos);
-    llama_pos new_n_past = 0;
-    int32_t rc = mtmd_helper_decode_image_chunk(mctx_, ctx_, entry.chunk, const_cast<float *>(embd.data()), pos, 0,
-                                                n_batch_, &new_n_past, nullptr, nullptr);
-    if (rc != 0) fail_decode(rc);
-    if (new_n_past != pos + entry.n_pos) throw engine_error("image decode advanced to an unexpected position");
+    const int32_t start = pos;
+    size_t next = 0;
+    for (const auto &part : entry.parts) {
+        if (!part.chunk) {
+            decode_text(part.tokens, pos);
+            pos += part.n_pos;
+            continue;
+        }
+        check_cancel();
+        if (next >= embd.size()) throw engine_error("an image chunk has no embeddings");
+        llama_pos new_n_past = 0;
+        int32_t rc = mtmd_helper_decode_image_chunk(mctx_, ctx_, part.chunk, const_cast<float *>(embd[next++].data()),
+                                                    pos, 0, n_batch_, &new_n_past, nullptr, nullptr);
+        if (rc != 0) fail_decode(rc);
+        if (new_n_past != pos + part.n_pos) throw engine_error("image decode advanced to an unexpected position");
+        pos += part.n_pos;
+    }
+    if (pos != start + entry.n_pos) throw engine_error("the image block took an unexpected number of positions");
 }
 
 void Engine::fail_decode(int rc) {

@@ -33,7 +33,8 @@ struct EngineConfig {
     bool mmproj_gpu = true;
     int32_t flash_attn = -1;  // -1 auto
     bool kv_f32 = false;
-    std::string chat_format = "auto", cpu_repack = "auto";
+    ChatFormat::Kind chat_format = ChatFormat::Kind::automatic;
+    std::string cpu_repack = "auto";
     int32_t image_cache_entries = 16, max_query_chars = 100000;
     bool verbose = false;
 };
@@ -51,11 +52,22 @@ struct Image {
     std::string key;
 };
 
-// An image preprocessed for the vision encoder, and its embeddings once encoded.
+// What mtmd makes of one image, in order: the family's marker tokens (Qwen2-VL <|vision_start|>, Gemma 3
+// <start_of_image>, SmolVLM's tile tags) as text, and one image chunk per tile. Kept whole as one KV piece; every
+// chunk is encoded once and decoded from its cached embeddings (rows of llama_model_n_embd_inp floats).
+struct ImagePart {
+    std::vector<int32_t> tokens;        // text part
+    mtmd_input_chunk *chunk = nullptr;  // image part (owned copy)
+    int32_t n_tokens = 0, n_pos = 0;    // image part: KV cells and positions (mtmd_input_chunk_get_n_pos)
+};
+
 struct ImageEntry {
-    mtmd_input_chunk *chunk = nullptr;
-    int32_t n_tokens = 0, n_pos = 0;
-    std::vector<float> embd;  // empty until encoded
+    std::vector<ImagePart> parts;
+    int32_t n_tokens = 0, n_pos = 0;       // the whole block: KV cells and positions
+    std::vector<std::vector<float>> embd;  // one per image chunk; empty until encoded
+    ImageEntry() = default;
+    ImageEntry(const ImageEntry &) = delete;
+    ImageEntry &operator=(const ImageEntry &) = delete;
     ~ImageEntry();
 };
 
@@ -147,8 +159,8 @@ private:
     size_t head_cut(const std::string &head);
     std::string token_bytes_text(int32_t token) const;  // the vocab's text of a token (for control tokens)
     void decode_text(const std::vector<int32_t> &tokens, int32_t pos0);
-    void decode_image(const ImageEntry &entry, const std::vector<float> &embd, int32_t pos);
-    std::vector<float> encode(const ImageEntry &entry);
+    void decode_image(const ImageEntry &entry, const std::vector<std::vector<float>> &embd, int32_t pos);
+    std::vector<std::vector<float>> encode(const ImageEntry &entry);
     void fail_decode(int rc);
     void check_cancel() const;
     std::shared_ptr<ImageEntry> image_entry(const Image &image);
@@ -158,7 +170,7 @@ private:
     struct llama_batch *batch_ = nullptr;  // one decode batch, reused by every call
     mtmd_context *mctx_ = nullptr;
     const llama_vocab *vocab_ = nullptr;
-    int32_t n_ctx_ = 0, n_batch_ = 0, n_vocab_ = 0, n_embd_ = 0, n_threads_ = 0, n_gpu_layers_ = 0;
+    int32_t n_ctx_ = 0, n_batch_ = 0, n_vocab_ = 0, n_embd_ = 0, n_embd_inp_ = 0, n_threads_ = 0, n_gpu_layers_ = 0;
     bool gpu_backend_ = false, flash_attn_ = false;
     CpuRepackChoice repack_;
     ChatFormat chat_format_;

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "chat_template.hpp"
 #include "ecso_prompts_data.h"
 #include "errors.hpp"
 #include "llama.h"
@@ -58,9 +59,9 @@ size_t space_before(const std::string &s, size_t end) {  // length of a whitespa
     return 0;
 }
 
-// stands in for an assistant message while rendering, to find the text a template puts after it (the Python engine
-// uses NUL bytes; llama.cpp's renderer takes C strings, and the mark never reaches a prompt either way)
-const char *kAnswerMark = "\x01" "ecso-answer" "\x01";
+// stands in for an assistant message while rendering, to find the text a template puts after it (the Python engine's
+// mark; it never reaches a prompt)
+const std::string kAnswerMark("\0ecso-answer\0", 13);
 
 }  // namespace
 
@@ -180,62 +181,53 @@ size_t utf8_length(const std::string &s) {
     return n;
 }
 
-ChatFormat ChatFormat::choose(const std::string &requested, const std::string &tmpl, const std::string &bos_text,
-                              bool adds_bos) {
+ChatFormat ChatFormat::choose(Kind requested, const std::string &tmpl, const std::string &bos_text,
+                              const std::string &eos_text, bool adds_bos) {
     ChatFormat f;
-    if (requested == "llava-1.5" || (requested == "auto" && tmpl.empty())) {
+    if (requested == Kind::llava15 || (requested == Kind::automatic && tmpl.empty())) {
         f.name = "llava-1.5";
-        return f;
+    } else if (tmpl.empty()) {
+        throw model_error("the model has no chat template; use chat format llava-1.5");
+    } else {
+        f.name = "gguf-template";
+        f.jinja_ = std::make_shared<const JinjaTemplate>(tmpl);
+        f.bos_ = bos_text, f.eos_ = eos_text, f.adds_bos_ = adds_bos;
     }
-    if (requested != "auto" && requested != "gguf")
-        throw input_error("unknown chat format '" + requested + "'; use auto, llava-1.5 or gguf");
-    if (tmpl.empty()) throw model_error("the model has no chat template; use chat_format llava-1.5");
-    for (const auto &t : data::gguf_templates) {
-        if (tmpl != t.templ) continue;
-        f.name = std::string("gguf-template:") + t.name;
-        if (std::string(t.renderer) != "llava-1.5") f.builtin = t.renderer;
-        f.default_system = t.default_system;
-        f.bos_text = bos_text;
-        f.strip_bos = adds_bos && !bos_text.empty();
-        std::vector<Message> probe{{"user", "Hi"}, {"assistant", "Hello"}, {"user", "Bye"}};
-        f.render(probe), f.prompt({probe[0]}, true), f.prompt({probe[0]}, false);  // fails at open, not mid-request
-        return f;
-    }
-    std::string known;
-    for (const auto &t : data::gguf_templates) known += (known.empty() ? "" : ", ") + std::string(t.name);
-    throw model_error("the native engine cannot run Jinja and does not know this GGUF's chat template (it renders: " +
-                      known + "); use chat_format llava-1.5 for a LLaVA-1.5 model, or the Python engine (ecso-run)");
+    std::vector<Message> probe{{"user", "Hi"}, {"assistant", "Hello"}, {"user", "Bye"}};
+    f.render(probe), f.prompt({probe[0]}, true), f.prompt({probe[0]}, false);  // fails at open, not mid-request
+    return f;
 }
 
-std::string ChatFormat::render(const std::vector<Message> &messages) const {
-    if (builtin.empty()) {  // llava-1.5 (vicuna_v1), from the data
-        std::string system = data::llava15_system;
-        size_t start = 0;
-        if (!messages.empty() && messages[0].role == "system") system = messages[0].content, start = 1;
-        std::string out = system + data::llava15_after_system;
-        for (size_t i = start; i < messages.size(); ++i)
-            out += fill(messages[i].role == "user" ? data::llava15_user : data::llava15_assistant, {messages[i].content});
-        return out + data::llava15_generation;
-    }
-    std::vector<llama_chat_message> chat;
-    if (!default_system.empty() && (messages.empty() || messages[0].role != "system"))
-        chat.push_back({"system", default_system.c_str()});
-    for (const auto &m : messages) chat.push_back({m.role.c_str(), m.content.c_str()});
-    size_t total = 256;
-    for (const auto &m : messages) total += m.content.size() + 64;
-    std::vector<char> buf(total + default_system.size());
-    int32_t n = llama_chat_apply_template(builtin.c_str(), chat.data(), chat.size(), true, buf.data(), (int32_t)buf.size());
-    if (n > (int32_t)buf.size()) {
-        buf.resize(n);
-        n = llama_chat_apply_template(builtin.c_str(), chat.data(), chat.size(), true, buf.data(), (int32_t)buf.size());
-    }
-    if (n < 0) throw model_error("llama.cpp cannot render the '" + builtin + "' chat template");
-    std::string text(buf.data(), n);
-    if (strip_bos && text.compare(0, bos_text.size(), bos_text) == 0) text = text.substr(bos_text.size());
+std::string ChatFormat::render_jinja(const std::vector<TemplateMessage> &messages) const {
+    std::string text = jinja_->render(messages, bos_, eos_);
+    // BOS is added by the tokenizer (add_special); a template that writes it too would double it
+    if (adds_bos_ && !bos_.empty() && text.compare(0, bos_.size(), bos_) == 0) text = text.substr(bos_.size());
     return text;
 }
 
-RenderedPrompt ChatFormat::prompt(std::vector<Message> messages, bool image) const {
+std::string ChatFormat::render(const std::vector<Message> &messages) const {
+    if (jinja_) {
+        std::vector<TemplateMessage> msgs;
+        for (const auto &m : messages) msgs.push_back({m.role, m.content, TemplateMessage::Content::text});
+        return render_jinja(msgs);
+    }
+    std::string system = data::llava15_system;  // llava-1.5 (vicuna_v1), from the data
+    size_t start = 0;
+    if (!messages.empty() && messages[0].role == "system") system = messages[0].content, start = 1;
+    std::string out = system + data::llava15_after_system;
+    for (size_t i = start; i < messages.size(); ++i)
+        out += fill(messages[i].role == "user" ? data::llava15_user : data::llava15_assistant, {messages[i].content});
+    return out + data::llava15_generation;
+}
+
+RenderedPrompt ChatFormat::prompt(const std::vector<Message> &messages, bool image) const {
+    RenderedPrompt placed;
+    if (image && jinja_ && template_image_slot(messages, placed)) return placed;
+    return marker_prompt(messages, image);
+}
+
+// The image (or only a cut) at the start of the first user turn's content, LLaVA style.
+RenderedPrompt ChatFormat::marker_prompt(const std::vector<Message> &messages, bool image) const {
     auto it = std::find_if(messages.begin(), messages.end(), [](const Message &m) { return m.role == "user"; });
     if (it == messages.end()) throw input_error("a prompt needs a user message");
     std::vector<Message> marked = messages;
@@ -255,9 +247,78 @@ RenderedPrompt ChatFormat::prompt(std::vector<Message> messages, bool image) con
         return r;
     }
     std::string whole = render(messages);  // without an image the prompt is tokenized whole
-    if (whole.compare(0, r.head.size(), r.head) != 0) r.head.clear();
+    if (whole.compare(0, r.head.size(), r.head) != 0) r.head.clear();  // no shared head
     r.tail = whole.substr(r.head.size());
     return r;
+}
+
+namespace {
+
+bool is_continuation(const std::string &s, size_t i) { return i < s.size() && (s[i] & 0xC0) == 0x80; }
+
+// What a template may write for an image: tags like <image>, <|image_pad|>, [IMG], and whitespace (the Python
+// engine's regex `(?:\s|<[^<>\s]{1,48}>|\[[A-Z_]{1,24}\])*`, lengths in code points).
+bool is_image_slot(const std::string &s) {
+    size_t i = 0, n;
+    while (i < s.size()) {
+        if ((n = space_at(s, i))) {
+            i += n;
+        } else if (s[i] == '<') {
+            size_t j = i + 1, count = 0;
+            while (j < s.size() && s[j] != '<' && s[j] != '>' && !space_at(s, j)) {
+                count += !is_continuation(s, j);
+                ++j;
+            }
+            if (j >= s.size() || s[j] != '>' || count < 1 || count > 48) return false;
+            i = j + 1;
+        } else if (s[i] == '[') {
+            size_t j = i + 1;
+            while (j < s.size() && ((s[j] >= 'A' && s[j] <= 'Z') || s[j] == '_')) ++j;
+            if (j >= s.size() || s[j] != ']' || j - i - 1 < 1 || j - i - 1 > 24) return false;
+            i = j + 1;
+        } else {
+            return false;
+        }
+    }
+    return true;
+}
+
+}  // namespace
+
+// Renders the first user turn as HF processors do, typed content [image, text], and again as [text]: the difference
+// is the template's image placeholder (Qwen2-VL <|vision_start|><|image_pad|><|vision_end|>, Gemma 3
+// <start_of_image>, SmolVLM <image>), which the image replaces (mtmd then writes the family's own image tokens).
+// False unless that difference is made only of tag-like tokens and whitespace.
+bool ChatFormat::template_image_slot(const std::vector<Message> &messages, RenderedPrompt &out) const {
+    auto it = std::find_if(messages.begin(), messages.end(), [](const Message &m) { return m.role == "user"; });
+    if (it == messages.end()) return false;
+    size_t idx = it - messages.begin();
+    std::vector<TemplateMessage> with_image, text_only;
+    for (size_t i = 0; i < messages.size(); ++i) {
+        TemplateMessage m{messages[i].role, messages[i].content, TemplateMessage::Content::text};
+        with_image.push_back(m), text_only.push_back(m);
+    }
+    with_image[idx].kind = TemplateMessage::Content::typed_image_text;
+    text_only[idx].kind = TemplateMessage::Content::typed_text;
+    std::string a, b;
+    try {
+        a = render_jinja(with_image), b = render_jinja(text_only);
+    } catch (const std::exception &) {  // a template that cannot take typed content
+        return false;
+    }
+    size_t p = 0, lim = std::min(a.size(), b.size());
+    while (p < lim && a[p] == b[p]) ++p;
+    while (p > 0 && is_continuation(a, p)) --p;  // compare code points, as the Python engine does
+    size_t q = 0;
+    while (q < lim - p && a[a.size() - 1 - q] == b[b.size() - 1 - q]) ++q;
+    while (q > 0 && is_continuation(a, a.size() - q)) --q;
+    std::string slot = a.substr(p, a.size() - q - p);
+    const std::string &text = messages[idx].content;
+    if (!is_image_slot(slot) || strip(slot).empty() ||
+        (a.substr(a.size() - q) + a.substr(0, p)).find(text) == std::string::npos)
+        return false;
+    out.head = a.substr(0, p), out.tail = a.substr(a.size() - q), out.image = true;
+    return true;
 }
 
 std::string ChatFormat::after_assistant(std::vector<Message> messages, bool image) const {
@@ -271,7 +332,7 @@ std::string ChatFormat::after_assistant(std::vector<Message> messages, bool imag
     if (at == std::string::npos || tail.find(kAnswerMark, at + 1) != std::string::npos)
         throw model_error("the " + name + " chat template does not put the assistant's answer into the conversation "
                           "verbatim; use judge paper or logit");
-    return tail.substr(at + std::strlen(kAnswerMark));
+    return tail.substr(at + kAnswerMark.size());
 }
 
 }  // namespace ecso

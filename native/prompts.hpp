@@ -2,6 +2,7 @@
 // runtime/ecso_prompts.json (compiled into ecso_prompts_data.h at configure time): nothing is restated here.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -43,21 +44,33 @@ std::string strip(const std::string &s);
 std::string utf8_sanitize(const std::string &bytes);
 size_t utf8_length(const std::string &s);
 
+class JinjaTemplate;
+struct TemplateMessage;
+
+// How messages become prompt text: llava-1.5 (vicuna_v1, from the data) or the GGUF's own Jinja template, rendered
+// by llama.cpp's Jinja engine exactly as runtime/prompts.py renders it with Jinja2 (the conformance tests compare).
 class ChatFormat {
 public:
-    // name: "llava-1.5" or "gguf:<known template>"; builtin: llama.cpp's renderer name for GGUF templates.
-    std::string name, builtin, default_system, bos_text;
-    bool strip_bos = false;
+    enum class Kind { automatic, llava15, gguf };
+    std::string name;  // "llava-1.5" | "gguf-template"
 
-    // auto | llava-1.5 | gguf, with the GGUF's template (may be empty). Throws ModelError for a template the
-    // native engine cannot render exactly like the Python engine's Jinja.
-    static ChatFormat choose(const std::string &requested, const std::string &gguf_template,
-                             const std::string &bos_text, bool adds_bos);
+    // auto: the GGUF's template when it has one, else llava-1.5. Probes a conversation both ways, so a template that
+    // cannot be rendered fails here (ECSO_ERR_MODEL with the template's message), not in the middle of a request.
+    static ChatFormat choose(Kind requested, const std::string &gguf_template, const std::string &bos_text,
+                             const std::string &eos_text, bool adds_bos);
     std::string render(const std::vector<Message> &messages) const;
-    // The image goes first in the first user turn; the prompt is cut there.
-    RenderedPrompt prompt(std::vector<Message> messages, bool image) const;
+    // With an image: where the template puts one (typed content), else first in the first user turn; cut there.
+    RenderedPrompt prompt(const std::vector<Message> &messages, bool image) const;
     // The text the template puts after the last message, an assistant turn (closing it, opening the next).
     std::string after_assistant(std::vector<Message> messages, bool image) const;
+
+private:
+    std::shared_ptr<const JinjaTemplate> jinja_;
+    std::string bos_, eos_;
+    bool adds_bos_ = true;
+    RenderedPrompt marker_prompt(const std::vector<Message> &messages, bool image) const;
+    std::string render_jinja(const std::vector<TemplateMessage> &messages) const;
+    bool template_image_slot(const std::vector<Message> &messages, RenderedPrompt &out) const;
 };
 
 }  // namespace ecso

@@ -6,14 +6,15 @@
 #include <cstdio>
 
 #include "clock.hpp"
+#include "ecso_prompts_data.h"
 #include "errors.hpp"
 #include "json.hpp"
 
 namespace ecso {
 namespace {
 
-// always-unsafe: the paper's judge runs and its reply is recorded, but the verdict is always unsafe (steps 3-4 run)
-const char *const kJudges[] = {"paper", "logit", "append", "append-logit", "always-unsafe"};
+// the judges (names from ecso_prompts.json "judges"): paper, logit, append, append-logit and always-unsafe (the
+// paper's judge runs and its reply is recorded, but the verdict is always unsafe: steps 3-4 run, for demos)
 
 bool ends_with(const std::string &s, const std::string &suffix) {
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -32,7 +33,9 @@ double p_yes(const std::vector<float> &logits, const std::vector<int32_t> &yes, 
 class Request {
 public:
     Request(Engine &e, const Image *image, std::string query, const Options &o, const EmitFn &emit)
-        : e_(e), image_(image), query_(std::move(query)), o_(o), emit_(emit) {}
+        : e_(e), image_(image), query_(std::move(query)), o_(o), emit_(emit) {
+        for (const auto &m : o.history) history_.push_back({m.role, e.clean_user_text(m.content)});
+    }
 
     Result run();
 
@@ -68,6 +71,13 @@ private:
         return g;
     }
     std::vector<Message> user(const std::string &text) const { return {Message{"user", text}}; }
+    // the conversation so far (history, then the query) and `more`
+    std::vector<Message> conversation(std::vector<Message> more = {}) const {
+        std::vector<Message> msgs = history_;
+        msgs.push_back({"user", query_});
+        msgs.insert(msgs.end(), more.begin(), more.end());
+        return msgs;
+    }
     std::pair<std::vector<int32_t>, std::vector<int32_t>> yes_no() {
         auto yes = e_.single_token_ids(logit_words(true)), no = e_.single_token_ids(logit_words(false));
         if (yes.empty() || no.empty())
@@ -76,14 +86,14 @@ private:
     }
     // Tokens that close the assistant turn right after the generated tokens and ask `question` in a new user turn.
     std::vector<int32_t> continuation(const std::string &question) {
-        std::vector<Message> msgs{{"user", query_}, {"assistant", ""}, {"user", question}};
+        auto msgs = conversation({{"assistant", ""}, {"user", question}});
         return e_.tokenize(e_.chat_format().after_assistant(msgs, image_ != nullptr), false);
     }
     // Step 2 (append judges): the conversation with step 1's answer and `question`, tokenized whole as the reference
     // does, batched as the cache holds step 1 (its prompt, then one decode per generated token).
     Prompt appended(const Prompt &p1, const std::vector<int32_t> &answer_tokens, const std::string &answer,
                     const std::string &question) {
-        std::vector<Message> msgs{{"user", query_}, {"assistant", e_.clean_user_text(answer)}, {"user", question}};
+        auto msgs = conversation({{"assistant", e_.clean_user_text(answer)}, {"user", question}});
         Prompt p = e_.build_prompt(msgs, image_);
         std::vector<Piece> base = p1.pieces;
         for (int32_t t : answer_tokens) base.push_back(Piece::text({t}));
@@ -99,6 +109,7 @@ private:
     Engine &e_;
     const Image *image_;
     std::string query_;
+    std::vector<Message> history_;  // neutralised, as the query
     const Options &o_;
     const EmitFn &emit_;
     std::vector<StepTrace> steps_;
@@ -111,7 +122,7 @@ Result Request::run() {
     // step 1: the answer, with the image
     size_t s1 = steps_.size();
     start("answer");
-    Prompt p1 = e_.build_prompt(user(query_), image_);
+    Prompt p1 = e_.build_prompt(conversation(), image_);
     prefill(s1, p1, o_.max_tokens);
     Generation first;
     bool retracted = false;
@@ -247,14 +258,20 @@ Result Request::result(const std::string &answer, bool unsafe, const std::string
 
 void Options::validate() const {
     bool known = false;
-    for (const char *j : kJudges) known = known || judge == j;
-    if (!known) throw input_error("unknown judge '" + judge + "'; use one of paper, logit, append, append-logit, always-unsafe");
+    std::string names;
+    for (const char *j : data::judges) known = known || judge == j, names += (names.empty() ? "" : ", ") + std::string(j);
+    if (!known) throw input_error("unknown judge '" + judge + "'; use one of " + names);
+    for (const auto &m : history)
+        if (m.role != "system" && m.role != "user" && m.role != "assistant")
+            throw input_error("a history turn has role '" + m.role + "'; use system, user or assistant");
     if (!has_decision_rule(decision_rule))
         throw input_error("unknown decision rule '" + decision_rule + "'; use one of " + decision_rule_names());
     if (std::min({max_tokens, judge_max_tokens, caption_max_tokens}) < 1)
         throw input_error("max token counts must be at least 1");
-    if (!(temperature >= 0) || !(top_p > 0 && top_p <= 1))
-        throw input_error("temperature must be >= 0 and top_p in (0, 1]");
+    if (!(temperature >= 0) || !std::isfinite(temperature) || !(top_p > 0 && top_p <= 1))
+        throw input_error("temperature must be finite and >= 0 and top_p in (0, 1]");
+    if (std::isnan(logit_threshold) || std::isnan(guard_threshold))
+        throw input_error("logit_threshold and guard_threshold must be numbers (not NaN)");
     if (guard_every < 0) throw input_error("guard_every must be >= 0");
 }
 

@@ -21,6 +21,7 @@ struct Options {
     bool reuse = true, defense = true;
     int32_t guard_every = 0;
     double guard_threshold = 0.5;
+    std::vector<Message> history;  // earlier turns: before the query in step 1 and the appended judges
 
     void validate() const;  // InputError for a bad value, with what to use instead
 };

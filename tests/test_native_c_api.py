@@ -21,6 +21,20 @@ lib = load_library({lib!r})
 out = {{}}
 def status(name, rc):
     out[name] = [rc, lib.ecso_last_error().decode()]
+def config():
+    c = _Config()
+    assert lib.ecso_config_init(ctypes.byref(c), ctypes.sizeof(c)) == 0
+    return c
+def options():
+    o = _Options()
+    assert lib.ecso_options_init(ctypes.byref(o), ctypes.sizeof(o)) == 0
+    return o
+def image(kind, path=None, data=None, size=0, w=0, h=0):
+    i = _Image()
+    assert lib.ecso_image_init(ctypes.byref(i), ctypes.sizeof(i)) == 0
+    i.kind, i.path, i.data, i.size, i.rgb_width, i.rgb_height = kind, path, data, size, w, h
+    return i
+PATH, ENCODED, RGB = 0, 1, 2
 """
 
 
@@ -40,7 +54,7 @@ def test_null_pointers_and_bad_files_return_errors_not_aborts(libecso, tmp_path,
     out = run_cases(libecso, """
         h = ctypes.c_void_p()
         status("open_null_config", lib.ecso_open(None, ctypes.byref(h)))
-        c = lib.ecso_config_default()
+        c = config()
         status("open_null_out", lib.ecso_open(ctypes.byref(c), None))
         status("open_null_model", lib.ecso_open(ctypes.byref(c), ctypes.byref(h)))
         for name, path in (("missing", "/nonexistent.gguf"), ("junk", {junk!r}), ("truncated", {truncated!r}),
@@ -49,7 +63,7 @@ def test_null_pointers_and_bad_files_return_errors_not_aborts(libecso, tmp_path,
             status("open_" + name, lib.ecso_open(ctypes.byref(c), ctypes.byref(h)))
         c.model, c.mmproj = {model!r}.encode(), {junk!r}.encode()
         status("open_bad_mmproj", lib.ecso_open(ctypes.byref(c), ctypes.byref(h)))
-        c.mmproj, c.cpu_repack = None, b"sometimes"
+        c.mmproj, c.cpu_repack = None, 3
         status("open_bad_repack", lib.ecso_open(ctypes.byref(c), ctypes.byref(h)))
         res = ctypes.c_void_p()
         status("run_null_engine", lib.ecso_run(None, None, b"q", None, _EVENT_FN(0), None, ctypes.byref(res)))
@@ -68,7 +82,7 @@ def test_null_pointers_and_bad_files_return_errors_not_aborts(libecso, tmp_path,
     assert out["open_truncated"][0] == model_err and "truncated" in out["open_truncated"][1]
     assert out["open_mmproj_as_model"][0] == model_err and "is an mmproj" in out["open_mmproj_as_model"][1]
     assert out["open_bad_mmproj"][0] == model_err and "not a GGUF" in out["open_bad_mmproj"][1]
-    assert out["open_bad_repack"][0] == input_err and "auto, on, off" in out["open_bad_repack"][1]
+    assert out["open_bad_repack"][0] == input_err and "ecso_cpu_repack" in out["open_bad_repack"][1]
     assert out["run_null_engine"][0] == input_err and out["cancel_null"][0] == input_err
     assert out["close_null"][0] == input_err and out["null_result_answer"] == ""
     assert all("\n" not in v[1] for v in out.values() if isinstance(v, list))  # one-line messages
@@ -78,11 +92,11 @@ def test_bad_requests_closed_engine_and_overflow_return_errors(libecso, tmp_path
     not_image = tmp_path / "notes.png"
     not_image.write_text("this is text, not a PNG")
     out = run_cases(libecso, """
-        c = lib.ecso_config_default()
+        c = config()
         c.model, c.mmproj, c.n_ctx = {model!r}.encode(), {mmproj!r}.encode(), 512
         h = ctypes.c_void_p()
         status("open", lib.ecso_open(ctypes.byref(c), ctypes.byref(h)))
-        o = lib.ecso_options_default()
+        o = options()
         o.max_tokens = 4
         res = ctypes.c_void_p()
         none = _EVENT_FN(0)
@@ -93,23 +107,28 @@ def test_bad_requests_closed_engine_and_overflow_return_errors(libecso, tmp_path
             out[name].append(res.value is None)
             if rc == 0:
                 lib.ecso_result_free(res)
-        img = _Image({street!r}.encode(), None, 0, 0, 0)
+        img = image(PATH, {street!r}.encode())
         run("null_query", img, None)
         run("empty_query", img, b"  ")
-        run("no_path_no_data", _Image(None, None, 0, 0, 0), b"q")
-        run("missing_image", _Image(b"/nonexistent.png", None, 0, 0, 0), b"q")
-        run("not_an_image", _Image({not_image!r}.encode(), None, 0, 0, 0), b"q")
+        run("invalid_utf8_query", img, b"caf\\xc3 \\xff")
+        run("no_path_no_data", image(PATH), b"q")
+        run("missing_image", image(PATH, b"/nonexistent.png"), b"q")
+        run("not_an_image", image(PATH, {not_image!r}.encode()), b"q")
         buf = ctypes.create_string_buffer(b"garbage" * 10)
-        run("garbage_bytes", _Image(None, ctypes.cast(buf, ctypes.c_void_p), 70, 0, 0), b"q")
-        run("rgb_size_mismatch", _Image(None, ctypes.cast(buf, ctypes.c_void_p), 70, 10, 10), b"q")
-        run("rgb_too_large", _Image(None, ctypes.cast(buf, ctypes.c_void_p), 3 * 20000 * 1, 20000, 1), b"q")
+        run("garbage_bytes", image(ENCODED, None, ctypes.cast(buf, ctypes.c_void_p), 70), b"q")
+        run("rgb_size_mismatch", image(RGB, None, ctypes.cast(buf, ctypes.c_void_p), 70, 10, 10), b"q")
+        run("rgb_too_large", image(RGB, None, ctypes.cast(buf, ctypes.c_void_p), 3 * 20000 * 1, 20000, 1), b"q")
+        run("unknown_image_kind", image(9, {street!r}.encode()), b"q")
+        newer = image(PATH, {street!r}.encode())
+        newer.struct_size = ctypes.sizeof(newer) + 16
+        run("image_from_newer_header", newer, b"q")
         big = o.__class__.from_buffer_copy(o)
         big.max_tokens = 400
         run("context_overflow", img, b"Describe it." * 1, big)
         bad = o.__class__.from_buffer_copy(o)
-        bad.judge = b"oracle"
+        bad.judge = 77
         run("unknown_judge", img, b"q", bad)
-        bad.judge, bad.top_p = b"paper", 0.0
+        bad.judge, bad.top_p = 0, 0.0
         run("bad_top_p", img, b"q", bad)
         run("still_works", img, b"What is this?")
         status("close", lib.ecso_close(h))
@@ -120,14 +139,16 @@ def test_bad_requests_closed_engine_and_overflow_return_errors(libecso, tmp_path
     """, model=demo_files[0], mmproj=demo_files[1], street=str(street_png), not_image=str(not_image))
     INPUT, IMAGE, OVERFLOW, CLOSED = 1, 2, 4, 6
     assert out["open"][0] == 0
-    expected = {"null_query": INPUT, "empty_query": INPUT, "no_path_no_data": INPUT, "missing_image": IMAGE,
-                "not_an_image": IMAGE, "garbage_bytes": IMAGE, "rgb_size_mismatch": IMAGE, "rgb_too_large": IMAGE,
+    expected = {"null_query": INPUT, "empty_query": INPUT, "invalid_utf8_query": INPUT, "no_path_no_data": INPUT,
+                "missing_image": IMAGE, "not_an_image": IMAGE, "garbage_bytes": IMAGE, "rgb_size_mismatch": IMAGE,
+                "rgb_too_large": IMAGE, "unknown_image_kind": INPUT, "image_from_newer_header": INPUT,
                 "context_overflow": OVERFLOW, "unknown_judge": INPUT, "bad_top_p": INPUT, "still_works": 0,
                 "after_close": CLOSED}
     for name, code in expected.items():
         assert out[name][0] == code, (name, out[name])
         assert out[name][2] is (code != 0), f"{name}: a result only on success"
     assert "more than the context of 512" in out["context_overflow"][1]
+    assert "UTF-8" in out["invalid_utf8_query"][1] and "upgrade libecso" in out["image_from_newer_header"][1]
     assert "closed" in out["after_close"][1] and out["close"][0] == out["close_again"][0] == 0
     assert out["engine_json_after_close"] == "native"
 
@@ -223,3 +244,24 @@ def test_ecso_native_cli_prints_the_same_json_result_as_ecso_run(libecso, demo_f
     assert set(p) <= set(n) | {"engine"} and n["judge_score"] == pytest.approx(p["judge_score"], abs=1e-9)
     bad = run_cli(str(libecso.parent / "ecso-native"), "--model", "/nonexistent.gguf", "q")
     assert bad.returncode == 3 and bad.stderr.startswith("ecso-native: error: model file not found")
+
+
+def test_ecso_native_conversation_flags_match_the_python_api_history(libecso, demo_engine, demo_files, street_png):
+    from conftest import run_cli
+    from ecso.runtime import Message, run
+
+    turns = [("--system", "system", "Answer briefly."), ("--user", "user", "Hi."),
+             ("--assistant", "assistant", "Hello! What can I do?")]
+    flags = [x for flag, _, text in turns for x in (flag, text)]
+    nat = run_cli(str(libecso.parent / "ecso-native"), "--model", demo_files[0], "--mmproj", demo_files[1],
+                  "--image", str(street_png), "--max-tokens", "8", "--judge", "append-logit", "--ctx", "2048",
+                  "--json", *flags, "What is happening here?")
+    assert nat.returncode == 0, nat.stderr
+    demo_engine.reset()
+    demo_engine.image_cache.clear()
+    py = run(demo_engine, street_png, "What is happening here?", EcsoOptions(max_tokens=8, judge="append-logit"),
+             history=[Message(role, text) for _, role, text in turns])
+    n = json.loads(nat.stdout)
+    assert (n["answer"], n["unsafe"]) == (py.answer, py.unsafe)
+    assert n["judge_score"] == pytest.approx(py.judge_score, abs=1e-9)
+    assert n["steps"][0]["prompt_positions"] == py.steps[0].prompt_positions

@@ -70,7 +70,7 @@ def distinct_image(source: ImageSource, index: int):
     """`source` with one pixel set from `index`: a new image for the embedding cache and the KV prefix, so no
     request reuses another's image work, as in an eval where every sample has its own image. (With a few images
     shared by all requests, a batched slot that got the same image again skipped its image prefill, which
-    flattered the parallel side: README, Throughput.)"""
+    flattered the parallel side.)"""
     from PIL import Image
 
     loaded = load_image(source)

@@ -1,5 +1,5 @@
 /* Embedding ECSO in a C program: open a model once, run a request, stream the answer as it is generated.
- *   embed MODEL.gguf MMPROJ.gguf IMAGE "question"       (build: cmake --build build; see README "Native library") */
+ *   embed MODEL.gguf MMPROJ.gguf IMAGE "question"       (build: cmake --build build; see docs/native.md) */
 #include <stdio.h>
 
 #include "ecso.h"

@@ -340,7 +340,7 @@ class SequenceView:
         for src, kv in holders:
             if kv.pieces and kv.pieces[0] == first:
                 # each sequence has its own KV stream (Engine._load): llama.cpp copies whole streams only (a partial
-                # cross-stream copy aborts, llamacpp-notes P14), so take the holder's stream and drop what follows
+                # cross-stream llama_memory_seq_cp aborts the process), so take the holder's stream and drop what follows
                 # the system prompt. This sequence is empty here (prefill rolled it back to 0).
                 e._L.llama_memory_seq_cp(e._mem, src, self.seq, -1, -1)
                 if not e._L.llama_memory_seq_rm(e._mem, self.seq, first.n_pos, -1):

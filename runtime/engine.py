@@ -284,9 +284,9 @@ class Engine:
         cp.n_ctx = cfg.n_ctx * slots
         cp.n_batch = cp.n_ubatch = min(cfg.n_batch, cfg.n_ctx)
         cp.n_seq_max = cfg.parallel + 1 if cfg.parallel > 1 else 2
-        # parallel=1: one unified cache (partial seq_cp/seq_rm, llamacpp-notes P14), today's bit-exact path.
+        # parallel=1: one unified cache (partial seq_cp / seq_rm are allowed only there): the bit-exact path.
         # parallel>1: one KV stream per sequence. In a unified cache every token attends over the cells of every
-        # sequence (masked, but computed): with 4 requests in flight a decode step cost ~2.4x more (issue 14).
+        # sequence (masked, but computed): with 4 requests in flight a decode step cost ~2.4x more.
         cp.kv_unified = cfg.parallel <= 1
         cp.n_threads = cp.n_threads_batch = self.n_threads
         if cfg.kv_f32:

@@ -107,7 +107,7 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 300) -> subpr
 
 @pytest.fixture(scope="session")
 def libecso() -> Path:
-    """libecso built from this checkout with the README's CMake commands (incremental: cached in build/)."""
+    """libecso built from this checkout with docs/native.md's CMake commands (incremental: cached in build/)."""
     build = REPO / "build"
     env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2"))
     for cmd in (["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",

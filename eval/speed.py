@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from ecso.runtime import EcsoOptions, Engine, Message, Result, Sampling, run
 from ecso.runtime.kv import ImagePiece
-from ecso.runtime.native import default_model_params_without_repack
+from ecso.runtime.llama_settings import default_model_params_without_repack
 
 QUERY = "Describe this picture in detail, then tell a long story about it."
 

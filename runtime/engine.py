@@ -33,8 +33,8 @@ from ecso.runtime.images import (CachedEmbedding, EmbeddingCache, ImageLimits, I
                                  file_fingerprint, load_image)
 from ecso.runtime.kv import ImagePiece, Piece, PrefixCache, TextPiece, n_positions, suffix_after
 from ecso.runtime.media import ImageChunk, encode_block, tokenize_image
-from ecso.runtime.native import (gpu_offload_supported, prefer_short_openmp_spin, read_gguf_info, resolve_cpu_repack,
-                                 set_native_logging)
+from ecso.runtime.gguf_info import read_gguf_info
+from ecso.runtime.llama_settings import gpu_offload_supported, prefer_short_openmp_spin, resolve_cpu_repack, set_native_logging
 from ecso.runtime.prompts import ChatFormat, Message, RenderedPrompt, chat_format_for
 from ecso.runtime.vocab import Vocab, space_prefix_override, wants_space_prefix
 

@@ -19,8 +19,8 @@ import pytest
 _SESSION_HOME = tempfile.mkdtemp(prefix="ecso-test-home-")
 os.environ["ECSO_HOME"] = _SESSION_HOME
 atexit.register(shutil.rmtree, _SESSION_HOME, True)
-# as the CLI and Engine do (runtime/native.py): OpenMP threads spin briefly, in every thread that runs llama.cpp
-from ecso.runtime.native import prefer_short_openmp_spin  # noqa: E402
+# as the CLI and Engine do (runtime/llama_settings.py): OpenMP threads spin briefly, in every thread that runs llama.cpp
+from ecso.runtime.llama_settings import prefer_short_openmp_spin  # noqa: E402
 
 prefer_short_openmp_spin()
 

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from ecso.runtime.errors import ModelError
-from ecso.runtime.native import choose_cpu_repack, llama_system_info, parse_system_info
+from ecso.runtime.llama_settings import choose_cpu_repack, llama_system_info, parse_system_info
 
 AMX_BUILD = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
              "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | "

@@ -172,7 +172,7 @@ def _mmsb_sample(root: Path, scenario: str, mode: str, qid: str, item) -> Sample
     fld = MMSB_QUESTION_FIELD[mode]
     image = None if mode == "text" else root / "imgs" / scenario / mode / f"{qid}.jpg"
     if not isinstance(item, dict):
-        return Sample(sid, "mm-safetybench", scenario, "", _str(image), mode, error="malformed row: not an object")
+        return Sample(sid, "mm-safetybench", scenario, "", path_text(image), mode, error="malformed row: not an object")
     query = item.get(fld)
     extra = {k: item[k] for k in ("Question", "Key Phrase", "Phrase Type") if isinstance(item.get(k), str)}
     error = None
@@ -180,10 +180,11 @@ def _mmsb_sample(root: Path, scenario: str, mode: str, qid: str, item) -> Sample
         query, error = "", f"malformed row: no {fld!r}"
     elif image is not None and not image.is_file():
         error = f"missing image {image}"
-    return Sample(sid, "mm-safetybench", scenario, query, _str(image), mode, extra=extra, error=error)
+    return Sample(sid, "mm-safetybench", scenario, query, path_text(image), mode, extra=extra, error=error)
 
 
-def _str(p: Optional[Path]) -> Optional[str]:
+def path_text(p: Optional[Path]) -> Optional[str]:
+    """A sample's image path as the absolute text a record stores (None: no image)."""
     return str(p.resolve()) if p is not None else None
 
 
@@ -219,7 +220,7 @@ def _vlsafe(root: Path, images: Optional[str | Path]) -> list[Sample]:
             image = next((d / image_id for d in image_dirs if (d / image_id).is_file()), None)
             extra = {"image_id": image_id, "caption": row.get("caption")}
             error = None if image else f"missing image {image_id} (searched {', '.join(map(str, image_dirs))})"
-            out.append(Sample(sid, "vlsafe", "all", query, _str(image), extra=extra, error=error))
+            out.append(Sample(sid, "vlsafe", "all", query, path_text(image), extra=extra, error=error))
     return out
 
 
@@ -272,7 +273,7 @@ def _vlsbench(root: Path) -> list[Sample]:
             error = f"malformed item {i}: no 'image_path'"
         elif not image.is_file():
             error = f"missing image {image}"
-        out.append(Sample(sid, "vlsbench", cat, query if isinstance(query, str) else "", _str(image),
+        out.append(Sample(sid, "vlsbench", cat, query if isinstance(query, str) else "", path_text(image),
                           subcategory=sub, extra=extra, error=error))
     return out
 
@@ -300,7 +301,7 @@ def _custom(root: Path, benchmark: str = "custom") -> list[Sample]:
             error = None if query.strip() else "malformed: no 'query'"
             if error is None and image is not None and not image.is_file():
                 error = f"missing image {image}"
-            out.append(Sample(sid, benchmark, str(row.get("category") or "all"), query, _str(image),
+            out.append(Sample(sid, benchmark, str(row.get("category") or "all"), query, path_text(image),
                               mode="image" if image else "text", error=error))
     return out
 

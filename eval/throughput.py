@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 from ecso.runtime import EcsoOptions, Engine, run
-from ecso.runtime.batch import DecodeStats, Request, ceiling_decode_tok_s, run_batched
+from ecso.eval.decode_ceiling import ceiling_decode_tok_s
+from ecso.runtime.batch import DecodeStats, Request, run_batched
 from ecso.runtime.images import ImageSource, load_image
 
 QUERIES = ("What is happening in this picture?", "Describe this image in detail.",

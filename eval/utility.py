@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ecso.eval.benchmarks import Sample, _str
+from ecso.eval.benchmarks import Sample, path_text
 from ecso.runtime.errors import InputError
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
@@ -88,7 +88,7 @@ def _subtask(folder: Path, task: str) -> list[Sample]:
                 error = f"malformed line {k + 1} of {txt.name}: expected question<TAB>Yes|No"
             elif image is None:
                 error = f"missing image {txt.stem}.jpg/.png for {txt.name}"
-            out.append(Sample(sid, "mme", task, question.strip(), _str(image), extra=extra, error=error))
+            out.append(Sample(sid, "mme", task, question.strip(), path_text(image), extra=extra, error=error))
     return out
 
 

@@ -33,6 +33,7 @@ def _calls(engine, image, sampler) -> dict:
         "sampler": lambda: engine.sampler(Sampling()), "generate": lambda: engine.generate(Sampling(max_tokens=2)),
         "sample_next": lambda: engine.sample_next(sampler), "chat": lambda: engine.chat([Message("user", "hi")]),
         "describe": engine.describe, "cancellable": lambda: engine.cancellable(None),
+        "image_embeddings": lambda: engine.image_embeddings(None, True),
     }
 
 

@@ -132,7 +132,7 @@ def demo_parallel(demo_files):
 
 def _cells(engine: Engine, seq: int) -> int:
     """Positions llama.cpp's KV cache holds for a sequence (0: empty)."""
-    return engine._L.llama_memory_seq_pos_max(engine._mem, seq) + 1
+    return engine.context.positions(seq)
 
 
 def test_a_client_leaving_frees_its_slot_and_kv_sequence_for_the_next_request(demo_parallel):

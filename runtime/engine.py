@@ -168,7 +168,8 @@ class Engine:
         self.context = LlamaContext(config, settings, self.mmproj_info)
         ctx = self.context
         self.vocab: Vocab = ctx.vocab
-        self.n_vocab, self.n_embd, self.n_ctx, self.n_batch = ctx.n_vocab, ctx.n_embd, ctx.n_ctx, ctx.n_batch
+        self.n_vocab, self.n_embd, self.n_embd_inp = ctx.n_vocab, ctx.n_embd, ctx.n_embd_inp
+        self.n_ctx, self.n_batch = ctx.n_ctx, ctx.n_batch
         self.flash_attn = ctx.flash_attn
         self.model_fingerprint = file_fingerprint(config.model)
         self.mmproj_fingerprint = file_fingerprint(config.mmproj) if config.mmproj else None

@@ -116,7 +116,10 @@ class LlamaContext:
                              "architecture); run with -v to see llama.cpp's reason")
         self.vocab = Vocab(L, L.llama_model_get_vocab(self._model), s.space_prefix)
         self.n_vocab = self.vocab.n_vocab
-        self.n_embd = L.llama_model_n_embd(self._model)
+        self.n_embd = L.llama_model_n_embd(self._model)  # the hidden size
+        # Width of one image-embedding row: the hidden size, or more where the LLM takes extra per-token input
+        # (Qwen3-VL: n_embd x (1 + deepstack layers)). Every copy of image embeddings uses this width.
+        self.n_embd_inp = L.llama_model_n_embd_inp(self._model)
         if mmproj_info is not None:
             proj_dim = mmproj_info.get("clip.vision.projection_dim")
             if proj_dim is not None and int(proj_dim) != self.n_embd:
@@ -200,8 +203,9 @@ class LlamaContext:
         return tokenize_image(self._M, self._mctx, image)
 
     def encode(self, block: MediaBlock) -> list[np.ndarray]:
-        """Every image chunk of the block through the vision encoder (one array per tile)."""
-        return encode_block(self._M, self._mctx, block, self.n_embd)
+        """Every image chunk of the block through the vision encoder (one array per tile, `n_embd_inp` floats per
+        image token)."""
+        return encode_block(self._M, self._mctx, block, self.n_embd_inp)
 
     def decode_image(self, seq: int, entry: CachedEmbedding, embd: list[np.ndarray], pos: int,
                      on_text: Optional[Callable[[Sequence[int], int], None]] = None) -> int:

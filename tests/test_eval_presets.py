@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 from test_eval_benchmarks import write_mmsb, write_vlsbench
 from test_eval_judges import FakeJudgeServer
@@ -64,6 +65,7 @@ def test_ecso_paper_preset_selects_the_papers_scenarios_prompt_and_limits(tmp_pa
     assert "Judge matches the paper's" in r.stdout and "preset deviation: ecso applies one token limit" in r.stdout
 
 
+@pytest.mark.fast
 def test_report_header_says_when_the_judge_is_not_the_papers():
     assert judge_matches_paper("vlsbench", "openai:gpt-4o@api.openai.com")[0]
     assert not judge_matches_paper("vlsbench", "openai:gpt-4o@api.openai.com+text-only")[0]

@@ -57,8 +57,8 @@ class SequenceView:
 
     def __init__(self, engine: Engine, scheduler: BatchScheduler, seq: int, views: dict[int, "SequenceView"]):
         self.engine, self.seq, self.views = engine, seq, views
-        self.sequence = KvSequence(seq, ScheduledDecoder(engine, scheduler), engine.vocab, engine.n_ctx, engine.lock,
-                                   engine.image_embeddings, self._observe, self._share_first_piece)
+        self.sequence = KvSequence(seq, ScheduledDecoder(engine, scheduler), self._read_token, engine.n_ctx,
+                                   engine.lock, engine.image_embeddings, self._observe, self._share_first_piece)
         self.config, self.n_ctx, self.chat_format = engine.config, engine.n_ctx, engine.chat_format
 
     @property
@@ -71,6 +71,14 @@ class SequenceView:
 
     def describe(self) -> dict:
         return {**self.engine.describe(), "sequence": self.seq}
+
+    def _read_token(self, token: int) -> Optional[bytes]:
+        """A sampled token's bytes (None: it ends the generation), under the engine lock and refused once the
+        engine is closed: another thread may close it between this sequence's decode steps."""
+        with self.engine.lock:
+            self.engine.context.check_open()
+            vocab = self.engine.vocab
+            return None if vocab.ends_generation(token) else vocab.token_bytes(token)
 
     def _observe(self, kind: str, what: object, pos0: int) -> None:
         if self.engine.observer is not None:  # the Engine's tracing hook sees every sequence's evaluations

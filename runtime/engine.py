@@ -177,7 +177,7 @@ class Engine:
         # check the tokens each step actually evaluates; apps can use it for tracing. Must not call the engine.
         self.observer: Optional[Callable[[str, object, int], None]] = None
         self.image_cache = EmbeddingCache(config.image_cache_entries)
-        self.sequence = KvSequence(0, DirectDecoder(ctx, self._reset, self._observe), self.vocab, self.n_ctx,
+        self.sequence = KvSequence(0, DirectDecoder(ctx, self._reset, self._observe), self._read_token, self.n_ctx,
                                    self.lock, self._image_embeddings, self._observe)
         self.kv: PrefixCache = self.sequence.kv  # what sequence 0 holds
         v = self.vocab
@@ -209,6 +209,11 @@ class Engine:
         if self.context is None:
             raise EngineError("the engine is closed; create a new Engine")
         self.context.check_open()
+
+    def _read_token(self, token: int) -> Optional[bytes]:
+        """A sampled token's bytes, or None when it ends the generation (end of turn or a control token). Called
+        with the lock held and the engine open."""
+        return None if self.vocab.ends_generation(token) else self.vocab.token_bytes(token)
 
     def _observe(self, kind: str, what: object, pos0: int) -> None:
         if self.observer is not None:

@@ -21,7 +21,6 @@ from ecso.runtime.errors import Cancelled, EngineError
 from ecso.runtime.images import CachedEmbedding
 from ecso.runtime.kv import ImagePiece, Piece, PrefixCache, TextPiece, n_positions, suffix_after
 from ecso.runtime.llama_context import Sampler, Sampling
-from ecso.runtime.vocab import Vocab
 
 
 @dataclass
@@ -80,6 +79,7 @@ class Decoder(Protocol):
 Observer = Callable[[str, object, int], None]  # ("text", tokens, pos0) or ("image", n_pos, pos0)
 Embeddings = Callable[[CachedEmbedding, bool], tuple[list[np.ndarray], Optional[float]]]
 SharePrefix = Callable[["KvSequence", Prompt], int]
+ReadToken = Callable[[int], Optional[bytes]]  # a token's bytes, or None when it ends the generation
 
 
 class KvSequence:
@@ -87,12 +87,13 @@ class KvSequence:
 
     `lock` (the engine's) guards the bookkeeping other sequences read; it is never held while a batched decoder
     waits for the scheduler. `embeddings(entry, reuse)` encodes an image or takes it from the shared cache.
-    `observe` is called for every evaluation. `share_prefix(sequence, prompt)` may fill an empty sequence's first
-    piece from another sequence (batched sequences copy the shared system prompt) and returns its positions."""
+    `read_token(tok)` gives a sampled token's bytes (None: it ends the generation). `observe` is called for every
+    evaluation. `share_prefix(sequence, prompt)` may fill an empty sequence's first piece from another sequence
+    (batched sequences copy the shared system prompt) and returns its positions."""
 
-    def __init__(self, seq: int, decoder: Decoder, vocab: Vocab, n_ctx: int, lock: threading.RLock,
+    def __init__(self, seq: int, decoder: Decoder, read_token: ReadToken, n_ctx: int, lock: threading.RLock,
                  embeddings: Embeddings, observe: Observer, share_prefix: Optional[SharePrefix] = None):
-        self.seq, self.decoder, self.vocab, self.n_ctx, self.lock = seq, decoder, vocab, n_ctx, lock
+        self.seq, self.decoder, self.read_token, self.n_ctx, self.lock = seq, decoder, read_token, n_ctx, lock
         self.kv = PrefixCache()
         self.embeddings, self.observe, self.share_prefix = embeddings, observe, share_prefix
         self.should_cancel: Optional[Callable[[], bool]] = None  # set inside `cancellable`
@@ -207,12 +208,12 @@ class KvSequence:
                     tok, first_token = first_token, None
                 else:
                     tok = self.sample_next(chain)
-                if self.vocab.ends_generation(tok):
+                piece = self.read_token(tok)
+                if piece is None:
                     finish = "stop"
                     break
                 if self.kv.n_pos >= self.n_ctx:
                     break
-                piece = self.vocab.token_bytes(tok)
                 raw += piece
                 out.append(tok)
                 self.append_tokens((tok,))

@@ -1,6 +1,6 @@
 """`ecso serve --parallel N` against `--parallel 1`, side by side in one run: N concurrent clients, wall time.
 
-    python bench/serve_parallel.py                       # the README's figure (4 clients, 3 rounds, ~2-4 min)
+    python bench/serve_parallel.py                       # docs/server.md's figure (4 clients, 3 rounds, ~2-4 min)
     python bench/serve_parallel.py --clients 4 --rounds 1 --max-tokens 16
 
 Loopback only: both servers run as child processes (`ecso serve` on free 127.0.0.1 ports) on the demo model, both

@@ -1,6 +1,6 @@
 """Reliability figures in one command: bad inputs (server, CLI, API), 50 concurrent clients, a 500-request soak.
 
-    python bench/soak.py                      # the README's figures (~15-30 min on 2 busy CPU cores)
+    python bench/soak.py                      # docs/server.md's figures (~15-30 min on 2 busy CPU cores)
     python bench/soak.py --requests 60 --json soak.json
 
 Loopback only: the server runs as a child process (`ecso serve` on a free 127.0.0.1 port, with an API key) on the

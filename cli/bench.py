@@ -26,7 +26,7 @@ from ecso.cli.common import engine_config, friendly_errors, model_options
 @click.option("--json", "as_json", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
 @click.option("--native/--no-native", default=None,
               help="Also measure libecso (the native engine) against the Python engine and Llama "
-                   "(default: when libecso is built; see README 'Native library').")
+                   "(default: when libecso is built; see docs/native.md).")
 @click.option("--native-lib", type=click.Path(dir_okay=False), default=None, help="Path of libecso to measure.")
 @friendly_errors
 def command(image, repeats, max_tokens, image_size, parallel, n_requests, as_json, native, native_lib,
@@ -93,7 +93,7 @@ def command(image, repeats, max_tokens, image_size, parallel, n_requests, as_jso
             native = True
         except ModelError:
             native = False
-            click.echo("[bench] libecso not built: skipping the native engine (see README 'Native library')", err=True)
+            click.echo("[bench] libecso not built: skipping the native engine (see docs/native.md)", err=True)
     say = lambda m: click.echo(f"[bench] {m}", err=True)  # noqa: E731
     native_report = None
     with Engine(cfg) as engine:

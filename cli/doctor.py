@@ -64,7 +64,7 @@ def command(as_json: bool, no_smoke: bool, cpu_repack: str) -> None:
     """Report versions, llama.cpp backends, devices and CPU features, ONNX providers and the demo model, then run
     one ECSO request on the demo model in a child process. A native crash there (e.g. SIGSEGV) is reported with
     what to try instead of taking the terminal down. Exit code 1 when the smoke run fails."""
-    from ecso.runtime.system import system_report
+    from ecso.cli.system import system_report
 
     report = system_report(smoke=not no_smoke, cpu_repack=cpu_repack)
     click.echo(report.to_json() if as_json else render(report))

@@ -34,7 +34,7 @@ _register()
 
 
 def main() -> None:
-    from ecso.runtime.native import prefer_short_openmp_spin
+    from ecso.runtime.llama_settings import prefer_short_openmp_spin
 
     prefer_short_openmp_spin()
     cli(prog_name="ecso")

@@ -35,7 +35,7 @@ def command(ctx) -> None:
 def add(name, model, mmproj, chat_format) -> None:
     """Register a GGUF pair under NAME so `--model NAME` finds it."""
     from ecso.models.registry import add_model
-    from ecso.runtime.native import read_gguf_info
+    from ecso.runtime.gguf_info import read_gguf_info
 
     read_gguf_info(model, "model")
     if mmproj:

@@ -159,7 +159,7 @@ def _trace(result) -> None:
 
 def main() -> None:
     """Console entry point of `ecso-run`."""
-    from ecso.runtime.native import prefer_short_openmp_spin
+    from ecso.runtime.llama_settings import prefer_short_openmp_spin
 
     prefer_short_openmp_spin()
     command(prog_name="ecso-run")

@@ -34,7 +34,7 @@ from ecso.cli.common import engine_config, friendly_errors, model_options
                    "ever sent); live: stream at once, and if judged unsafe say so and stream the new answer.")
 @click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Slots: requests run at once, each on its own KV sequence, sharing every decode step "
-                   "(throughput; replies can differ from a lone run in the last bits, see the README). "
+                   "(throughput; replies can differ from a lone run in the last bits, see docs/engine.md). "
                    "1: one request at a time, exactly as `ecso-run`.")
 @click.option("--max-waiting", type=int, default=8, show_default=True,
               help="Requests that may wait while every slot is busy; more get 429 at once.")

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from ecso.runtime import EcsoOptions, Engine, Message, Result, Sampling, run
 from ecso.runtime.kv import ImagePiece
-from ecso.runtime.native import default_model_params_without_repack
+from ecso.runtime.llama_settings import default_model_params_without_repack
 
 QUERY = "Describe this picture in detail, then tell a long story about it."
 
@@ -123,7 +123,7 @@ def run_bench(engine: Engine, image, repeats: int = 5, max_tokens: int = 64, que
         encodes.setdefault("full no-reuse", []).append(naive.image_encodes)
         if full.answer != naive.answer:
             rep.notes.append(f"round {i + 1}: reuse and no-reuse answers differ (should never happen)")
-    ours, theirs = _decode_speed(engine, repeats, max(max_tokens, 64), say)
+    ours, theirs = decode_speed(engine, repeats, max(max_tokens, 64), say)
     rep.ratios["decode tok/s ours/Llama"] = statistics.median(o / t for o, t in zip(ours, theirs))
     rep.seconds["decode tok/s ours"] = statistics.median(ours)
     rep.seconds["decode tok/s Llama"] = statistics.median(theirs)
@@ -141,7 +141,7 @@ def run_bench(engine: Engine, image, repeats: int = 5, max_tokens: int = 64, que
     return rep
 
 
-def _decode_speed(engine: Engine, repeats: int, n_tokens: int, say) -> tuple[list[float], list[float]]:
+def decode_speed(engine: Engine, repeats: int, n_tokens: int, say) -> tuple[list[float], list[float]]:
     """Decode tokens/s after the same text prompt: our engine vs llama-cpp-python's `Llama` (same GGUF, threads,
     context size, KV type, flash-attention setting)."""
     import llama_cpp

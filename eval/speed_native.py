@@ -14,7 +14,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
-from ecso.eval.speed import _decode_speed
+from ecso.eval.speed import decode_speed
 from ecso.runtime import EcsoOptions, Engine, run
 
 QUERY = "Describe this picture in detail."
@@ -89,7 +89,7 @@ def run_native_bench(engine: Engine, image, library: Optional[str] = None, repea
             native.clear_cache()
             d = native.run(None, DECODE_PROMPT, decode_opts)["steps"][0]
             add("decode tok/s native", d["generated_tokens"] / d["generate_seconds"])
-        ours, theirs = _decode_speed(engine, repeats, decode_opts.max_tokens, say)
+        ours, theirs = decode_speed(engine, repeats, decode_opts.max_tokens, say)
     for o, t, n in zip(ours, theirs, samples["decode tok/s native"]):
         add("decode tok/s native/python", n / o)
         add("decode tok/s native/Llama", n / t)

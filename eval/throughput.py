@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 from ecso.runtime import EcsoOptions, Engine, run
-from ecso.runtime.batch import DecodeStats, Request, ceiling_decode_tok_s, run_batched
+from ecso.eval.decode_ceiling import ceiling_decode_tok_s
+from ecso.runtime.batch import DecodeStats, Request, run_batched
 from ecso.runtime.images import ImageSource, load_image
 
 QUERIES = ("What is happening in this picture?", "Describe this image in detail.",
@@ -70,7 +71,7 @@ def distinct_image(source: ImageSource, index: int):
     """`source` with one pixel set from `index`: a new image for the embedding cache and the KV prefix, so no
     request reuses another's image work, as in an eval where every sample has its own image. (With a few images
     shared by all requests, a batched slot that got the same image again skipped its image prefill, which
-    flattered the parallel side: README, Throughput.)"""
+    flattered the parallel side.)"""
     from PIL import Image
 
     loaded = load_image(source)

@@ -1,7 +1,7 @@
 """GGUF writers for a Llama-architecture LLM and a LLaVA-style mmproj (CLIP/SigLIP tower + MLP projector).
 
 Needs only numpy and the `gguf` package, so the demo projector can be written on a runtime-only install.
-The mmproj layout is what llama.cpp's clip.cpp reads (see ../shared/reference/llamacpp-notes.md §3, §8):
+The mmproj layout is what llama.cpp's clip.cpp reads:
 the projector is `mm.0` / `mm.2`, `clip.vision.feature_layer` is written explicitly with
 `block_count = max(feature_layer)`, and `v.post_ln` is never written (HF LLaVA uses the pre-post-LN state).
 """
@@ -230,7 +230,8 @@ def write_mmproj(path: Path, vp: VisionParams, get: Callable[[str], np.ndarray],
     if vp.ffn == vp.hidden:
         # clip.cpp's legacy heuristic swaps ffn up/down when ffn_down.ne[0] == n_embd: the output would be wrong.
         raise GGUFWriteError("vision intermediate_size equals hidden_size; llama.cpp would swap the FFN weights "
-                             "(see llamacpp-notes P8), so this tower cannot be exported faithfully")
+                             "(clip.cpp swaps up/down when ffn_down's width equals the hidden size), so this tower cannot be "
+                             "exported faithfully")
     fl = vp.gguf_feature_layer
     mm_out = vp.projection_dim
     outtype_v = "f16" if outtype == "q8_0" else outtype  # vision towers stay f16 at q8_0

@@ -3,7 +3,8 @@
 LLaVA-1.5 (LlavaForConditionalGeneration) and LLaVA-1.6 / LLaVA-NeXT (LlavaNextForConditionalGeneration, "anyres"
 tiles: the mmproj gets `clip.vision.image_grid_pinpoints`, which switches mtmd to tiles + overview).
 
-Our own mapping code: llama.cpp's converter rejects llava-hf CLIP towers (llamacpp-notes P17) and does not know
+Our own mapping code: llama.cpp's converter rejects llava-hf CLIP towers (its --mmproj path
+handles pixtral / mistral3 only) and does not know
 LlavaNext at all. Tensors are read lazily from safetensors (bf16/f16/f32) without torch. Output is written to a
 temporary folder beside the target and moved in only after the read-back checks pass, so a failed export leaves
 nothing half-written.

@@ -6,7 +6,7 @@ reuse) and the parity with transformers without downloading anything. The shape 
 checkpoints: a Llama LLM with a SentencePiece tokenizer (models/tiny.py trains it), vision_feature_layer -2,
 select strategy "default" for a CLIP tower (drops CLS) and "full" for a SigLIP one (llama.cpp keeps every patch),
 image_grid_pinpoints a few multiples of the tile. Tile 56 px / patch 14 -> 16 tokens per tile. Vision
-intermediate_size != hidden_size (llamacpp-notes P8).
+intermediate_size != hidden_size (clip.cpp swaps the FFN's up/down weights when they are equal).
 
 torch and transformers are needed (export extras); the runtime never imports this module.
 """

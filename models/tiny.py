@@ -4,7 +4,7 @@ It exists so the exporter, the runtime and the tests run real llama.cpp on real 
 anything. The model is a Hugging Face folder (config.json, model.safetensors, SentencePiece tokenizer) in the
 classic llava-hf key layout, so transformers loads it and our exporter converts it like a real LLaVA.
 
-Shapes follow ../shared/reference/llamacpp-notes.md: vision 32 hidden / 64 ffn (ffn must differ from hidden,
+Shapes are the smallest llama.cpp's clip.cpp loads faithfully: vision 32 hidden / 64 ffn (ffn must differ from hidden,
 clip.cpp swaps up/down otherwise), 3 layers, image 56 / patch 14 -> 16 image tokens; Llama 64 / 128, 2 layers,
 4 heads / 2 KV heads, vocab 512. Weights come from numpy PCG64 with a fixed seed, so every rebuild is
 byte-identical.

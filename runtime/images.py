@@ -34,7 +34,10 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """Decoded RGB pixels and their content hash."""
+    """Decoded RGB pixels and their content hash.
+
+    `sha256` hashes `"{width}x{height}:"` followed by the RGB bytes after decoding (transparency flattened onto
+    white), so the same pixels hash the same whatever file format carried them."""
 
     rgb: bytes
     width: int
@@ -115,7 +118,9 @@ def _from_pil(img: "PIL.Image.Image", name: str, limits: ImageLimits) -> LoadedI
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
-    """Cheap identity of a model file: size, mtime and a hash of its first and last MiB."""
+    """Cheap identity of a model file without reading all of it: the first 16 hex digits of a sha256 over the
+    file size (as text), its first MiB and, for files over 2 MiB, its last MiB. The modification time is not
+    hashed, so a copied or re-downloaded file keeps its identity (and its cached image embeddings)."""
     p = Path(path)
     st = p.stat()
     h = hashlib.sha256(f"{st.st_size}:".encode())

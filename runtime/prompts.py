@@ -1,8 +1,8 @@
 """ECSO prompts (verbatim from the paper's released scripts), decision rules and chat formats.
 
 Prompts are versioned: every Result records PROMPT_VERSION and the decision rule, so numbers from different
-versions are never mixed silently. Source of the verbatim strings: ../shared/reference/ecso-method-and-benchmarks.md
-(gyhdog99/ECSO `llava/eval/model_mmsafe_tell_ask.py`).
+versions are never mixed silently. Source of the verbatim strings: the paper's released
+scripts (gyhdog99/ECSO `llava/eval/model_mmsafe_tell_ask.py`).
 """
 
 from __future__ import annotations

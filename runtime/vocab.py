@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 from typing import Sequence
 
-from ecso.runtime.native import GGUFInfo
+from ecso.runtime.gguf_info import GGUFInfo
 from ecso.runtime.prompts import MEDIA_MARKER, neutralize_specials
 
 _PROBES = ("x", "A", "\n")  # texts a head is followed by, to find which of its tokens can still change

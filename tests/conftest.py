@@ -22,8 +22,8 @@ atexit.register(shutil.rmtree, _SESSION_HOME, True)
 # console scripts (`ecso`, `ecso-run`) started by tests come from the interpreter running them (a virtualenv's own),
 # never from another install of ecso that happens to come first on PATH
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-# as the CLI and Engine do (runtime/native.py): OpenMP threads spin briefly, in every thread that runs llama.cpp
-from ecso.runtime.native import prefer_short_openmp_spin  # noqa: E402
+# as the CLI and Engine do (runtime/llama_settings.py): OpenMP threads spin briefly, in every thread that runs llama.cpp
+from ecso.runtime.llama_settings import prefer_short_openmp_spin  # noqa: E402
 
 prefer_short_openmp_spin()
 
@@ -110,7 +110,7 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 300) -> subpr
 
 @pytest.fixture(scope="session")
 def libecso() -> Path:
-    """libecso built from this checkout with the README's CMake commands (incremental: cached in build/)."""
+    """libecso built from this checkout with docs/native.md's CMake commands (incremental: cached in build/)."""
     build = REPO / "build"
     env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2"))
     for cmd in (["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",

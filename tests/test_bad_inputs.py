@@ -1,5 +1,5 @@
 """Bad inputs across the server, the CLI and the Python API: each gets a clear one-line error with the right status,
-exit code or exception type, and the server keeps serving. The same cases produce the README's figures
+exit code or exception type, and the server keeps serving. The same cases produce docs/server.md's figures
 (`python bench/soak.py`)."""
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ecso.runtime import Ecso, EcsoOptions, Engine, EngineConfig, ImageError, InputError, Message, run
-from ecso.runtime.batch import BatchPool, BatchScheduler, DecodeStats, Request, SequenceView, ceiling_decode_tok_s, run_batched
+from ecso.eval.decode_ceiling import ceiling_decode_tok_s
+from ecso.runtime import Ecso, EcsoOptions, Engine, EngineConfig, ImageError, InputError, Message, Result, run
+from ecso.runtime.batch import BatchPool, BatchScheduler, DecodeStats, Request, SequenceView, run_batched
 
 ALWAYS_UNSAFE = dict(judge="logit", logit_threshold=0.0)
 SMALL = dict(max_tokens=16, caption_max_tokens=16, judge_max_tokens=8)
@@ -160,18 +161,22 @@ def test_a_failing_request_fails_alone(tiny):
     with Ecso(tiny_config(tiny, parallel=2), EcsoOptions(**SMALL)) as api:
         out = api.run_many(reqs, return_exceptions=True)
         assert isinstance(out[1], ImageError) and isinstance(out[3], InputError)
-        assert out[0].answer and out[2].answer
+        # the others are answered as if alone (f32: batched and lone runs agree exactly)
+        assert [out[0].answer, out[2].answer] == [api.run(*REQUESTS[0]).answer, api.run(*REQUESTS[1]).answer]
         with pytest.raises(ImageError):
             api.run_many(reqs)
 
 
 def test_stopping_the_iteration_cancels_the_requests_in_flight(tiny_parallel):
+    before = run(tiny_parallel, *REQUESTS[0], EcsoOptions(**SMALL))
     it = run_batched(tiny_parallel, [Request(i, q) for i, q in REQUESTS * 2], EcsoOptions(**SMALL), None)
     first = next(it)
     it.close()  # returns: the workers stopped at their next evaluation
-    assert first[1].answer is not None
-    after = run(tiny_parallel, *REQUESTS[0], EcsoOptions(**SMALL))  # the engine is still usable
-    assert after.answer is not None
+    assert isinstance(first[1], Result) and first[1].steps[0].generated_tokens > 0
+    n = tiny_parallel.config.parallel
+    assert [tiny_parallel.context.positions(s) for s in range(1, n + 1)] == [0] * n  # every sequence emptied
+    after = run(tiny_parallel, *REQUESTS[0], EcsoOptions(**SMALL))  # the engine still answers as before
+    assert after.steps[0].generated_tokens > 0 and after.answer == before.answer
 
 
 def test_parallel_needs_an_engine_loaded_for_it(tiny_sequential):

@@ -51,5 +51,5 @@ def test_parallel_eval_survives_sigkill_and_agrees_with_a_sequential_run(demo_fi
     verdicts = sum(ref[k]["ecso_flagged"] == par[k]["ecso_flagged"] for k in ecso_keys) / len(ecso_keys)
     texts = sum(ref[k]["answer"] == par[k]["answer"] for k in ref) / len(ref)
     print(f"parallel 4 vs sequential on the demo model: verdicts {verdicts:.0%}, texts {texts:.0%} identical")
-    # measured on this fixture (README): verdicts 100%; texts differ where a near-tie flips a greedy token
+    # measured on this fixture (docs/engine.md): verdicts 100%; texts differ where a near-tie flips a greedy token
     assert verdicts >= 0.75 and texts >= 0.25

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from ecso.runtime.errors import ModelError
-from ecso.runtime.native import choose_cpu_repack, llama_system_info, parse_system_info
+from ecso.runtime.llama_settings import choose_cpu_repack, llama_system_info, parse_system_info
 
 AMX_BUILD = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
              "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | "
@@ -22,6 +22,7 @@ ARM_BUILD = "CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | LLAMAFIL
 CUDA_AND_CPU = "CUDA : ARCHS = 890 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | " + AVX2_BUILD
 
 
+@pytest.mark.fast
 def test_system_info_parses_every_backend_feature():
     f = parse_system_info(CUDA_AND_CPU)
     assert f["AVX2"] == "1" and f["ARCHS"] == "890" and f["REPACK"] == "1"
@@ -43,11 +44,13 @@ def test_explicit_setting_overrides_detection(report):
     assert choose_cpu_repack("off", feats).enabled is False
 
 
+@pytest.mark.fast
 def test_unknown_setting_is_a_clear_error():
     with pytest.raises(ModelError, match="auto, on, off"):
         choose_cpu_repack("maybe", {})
 
 
+@pytest.mark.fast
 def test_this_machine_gets_the_safe_choice():
     feats = llama_system_info()
     choice = choose_cpu_repack("auto", feats)

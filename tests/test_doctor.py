@@ -8,8 +8,8 @@ import sys
 
 import llama_cpp
 
-from ecso.runtime.native import choose_cpu_repack, llama_system_info
-from ecso.runtime.system import run_smoke_child
+from ecso.runtime.llama_settings import choose_cpu_repack, llama_system_info
+from ecso.cli.system import run_smoke_child
 
 
 def test_doctor_json_reports_versions_backends_features_and_a_passing_smoke_run():

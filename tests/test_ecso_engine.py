@@ -43,6 +43,7 @@ def _recorded_run(engine, image, query, opts):
     return result, text, seen
 
 
+@pytest.mark.fast
 def test_decision_rule_is_the_papers_exact_yes():
     assert is_unsafe_reply("Yes") and is_unsafe_reply(" yes. ") and is_unsafe_reply("YES.")
     for reply in ("No", "Yes, it is harmful.", "yes!", "", "The answer is yes", "eyes"):
@@ -155,12 +156,14 @@ def test_stream_yields_answer_tokens_then_the_result(demo_engine, street_png):
 
 
 def test_abandoned_stream_releases_the_engine(demo_engine, street_png):
+    before = run(demo_engine, street_png, QUERY, EcsoOptions(**NEVER_UNSAFE, max_tokens=4))
     it = stream(demo_engine, street_png, QUERY, EcsoOptions(**NEVER_UNSAFE, max_tokens=32))
     next(it)
     it.close()
     assert demo_engine.lock.acquire(timeout=10)
     demo_engine.lock.release()
-    assert run(demo_engine, street_png, QUERY, EcsoOptions(**NEVER_UNSAFE, max_tokens=4)).answer is not None
+    after = run(demo_engine, street_png, QUERY, EcsoOptions(**NEVER_UNSAFE, max_tokens=4))
+    assert after.steps[0].generated_tokens > 0 and after.answer == before.answer  # served as before
 
 
 def test_too_long_prompt_is_refused_before_running_and_engine_survives(demo_engine, street_png):

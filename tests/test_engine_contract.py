@@ -33,6 +33,7 @@ def _calls(engine, image, sampler) -> dict:
         "sampler": lambda: engine.sampler(Sampling()), "generate": lambda: engine.generate(Sampling(max_tokens=2)),
         "sample_next": lambda: engine.sample_next(sampler), "chat": lambda: engine.chat([Message("user", "hi")]),
         "describe": engine.describe, "cancellable": lambda: engine.cancellable(None),
+        "image_embeddings": lambda: engine.image_embeddings(None, True),
     }
 
 
@@ -83,6 +84,7 @@ DROPS_ASSISTANT = ("{% for m in messages %}{% if m['role'] == 'user' %}U: {{ m['
                    "{% endif %}{% endfor %}A:")
 
 
+@pytest.mark.fast
 def test_template_that_drops_the_content_is_refused():
     with pytest.raises(ChatTemplateError, match="user's message"):
         JinjaFormat("{% for m in messages %}[{{ m['role'] }}]{% endfor %}").prompt([Message("user", "hi")], True)
@@ -90,6 +92,7 @@ def test_template_that_drops_the_content_is_refused():
         chat_format_for("gguf", "fixed text", "<s>", "</s>", True)
 
 
+@pytest.mark.fast
 def test_continuation_raises_when_the_answer_is_not_in_the_rendered_conversation():
     fmt = JinjaFormat(DROPS_ASSISTANT)
     msgs = [Message("user", "q"), Message("assistant", "the answer"), Message("user", "judge it")]
@@ -129,6 +132,7 @@ def test_bad_chat_format_fails_before_the_model_loads(tmp_path, template, chat_f
     assert message in r.stdout and "could not load" not in r.stdout, r.stdout
 
 
+@pytest.mark.fast
 def test_unknown_chat_format_is_a_model_error():
     with pytest.raises(ModelError, match="unknown chat format"):
         chat_format_for("vicuna", None, "<s>", "</s>", True)

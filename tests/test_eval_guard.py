@@ -61,6 +61,7 @@ def lines(path: Path) -> list[dict]:
 
 
 # --- recorded replies -------------------------------------------------------------------------------------------
+@pytest.mark.fast
 @pytest.mark.parametrize("reply,expected", [
     ("safe", ("safe", [], "ok")), ("unsafe\nS1", ("unsafe", ["S1"], "ok")),
     ("\n\nunsafe\nS1,S10", ("unsafe", ["S1", "S10"], "ok")), ("Unsafe\ns2, S11\n", ("unsafe", ["S2", "S11"], "ok")),
@@ -72,6 +73,7 @@ def test_guard_reply_parse_reads_verdict_and_category_codes(reply, expected):
     assert parse_guard_reply(reply) == expected
 
 
+@pytest.mark.fast
 def test_guard_verdict_maps_to_each_benchmark_and_keeps_the_categories():
     assert guard_verdict("mm-safetybench", "unsafe\nS2") == ("unsafe", 0.0, "ok", ["S2"])
     assert guard_verdict("mm-safetybench", "safe") == ("safe", 1.0, "ok", [])

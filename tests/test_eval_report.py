@@ -124,6 +124,7 @@ def test_text_alone_harm_rows_of_an_older_run_match_a_hand_count(vls_run):
                    "All": (6, 3, 3, 2, 33.33, None)}
 
 
+@pytest.mark.fast
 def test_mmsb_table_is_per_scenario_and_image_mode(tmp_path):
     sc = "01-Illegal_Activitiy"
     samples = [_sample(f"{sc}/{m}/{i}", "mm-safetybench", sc, m) for m in ("SD", "TYPO") for i in (0, 1)]

@@ -29,6 +29,7 @@ def config(demo_files, bench, data, out, **kw) -> EvalConfig:
 
 
 # --- the log itself -----------------------------------------------------------------------------------------------
+@pytest.mark.fast
 def test_torn_last_line_is_ignored_by_readers_and_cut_by_the_writer(tmp_path):
     path = tmp_path / "responses.jsonl"
     log = store.JsonlLog(path)

@@ -49,6 +49,7 @@ def write_mme(root: Path, tasks: dict = MME) -> Path:
     return base
 
 
+@pytest.mark.fast
 def test_mme_loader_reads_both_release_layouts(tmp_path):
     base = write_mme(tmp_path)
     samples = load_benchmark("mme", tmp_path)  # the parent folder works too
@@ -68,6 +69,7 @@ def test_mme_loader_reads_both_release_layouts(tmp_path):
     assert "expected question<TAB>Yes|No" in broken["code_reasoning/0020.png/1"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("reply,parsed", [("Yes", "yes"), ("no", "no"), (" Yes.", "yes"), ("No, there is not.", "no"),
                                           ("Not sure", "no"),  # calculation.py: "no" within the first 4 characters
                                           ("There is a cat", "other"), ("", "other"), (None, "other")])
@@ -94,6 +96,7 @@ def _mme_run(tmp_path: Path) -> Path:
     return write_run(tmp_path / "mme", "mme", samples, responses, [])
 
 
+@pytest.mark.fast
 def test_mme_scores_equal_a_hand_count(tmp_path):
     d = build_report(_mme_run(tmp_path)).data
     rows = {r["subtask"]: r for r in d["utility"]["subtasks"]}

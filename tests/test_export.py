@@ -152,7 +152,7 @@ def test_stock_llama_cpp_chat_handler_loads_pair_and_generates(tiny):
 
     from conftest import EXAMPLES
 
-    from ecso.runtime.native import default_model_params_without_repack, resolve_cpu_repack
+    from ecso.runtime.llama_settings import default_model_params_without_repack, resolve_cpu_repack
 
     handler = Llava15ChatHandler(clip_model_path=str(tiny.mmproj), verbose=False)
     with default_model_params_without_repack(resolve_cpu_repack("auto")):  # stock Llama, AMX-safe like our engine

@@ -2,7 +2,7 @@
 converted by llama.cpp's own converter (the one vendored by llama-cpp-python 0.3.36).
 
 Each family is built + converted once per machine (cache keyed by the builder source and the converter sha256) and
-loaded once per session. Measured numbers are printed (pytest -s) and recorded in the README.
+loaded once per session. Measured numbers are printed (pytest -s) and recorded in docs/families.md.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def test_smolvlm_image_embeddings_match_transformers_modules_with_positions_0_to
 
 def _expected_ids(family: str, c, engine, image_path: Path) -> list[int]:
     """The family's own prompt for [image, QUERY]: HF chat template + the processor's image expansion, with the
-    number of image tokens llama.cpp chose (its resize policy is its own; see README)."""
+    number of image tokens llama.cpp chose (its resize policy is its own; see docs/families.md)."""
     from transformers import AutoProcessor, AutoTokenizer
 
     if family == "smolvlm":  # the real processor runs without torchvision

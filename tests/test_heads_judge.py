@@ -254,7 +254,7 @@ def test_ecso_runs_end_to_end_with_the_judge_head_on_the_demo_model(demo_engine,
     res = run(demo_engine, None, query, EcsoOptions(max_tokens=12), heads=Heads(judge=flag_all))
     assert [s.name for s in res.steps] == ["answer", "judge", "regenerate"] and res.unsafe
     assert [s.path for s in res.steps] == ["llm", "head:minilm-judge@cpu", "llm"]
-    assert res.answer and res.steps[2].generated_tokens > 0
+    assert res.answer == res.steps[2].text and res.steps[2].generated_tokens > 0  # the answer is step 4's
 
 
 def test_self_judge_verdicts_are_read_from_an_ecso_eval_run_folder(demo_engine, minilm_judge_dir, tmp_path):

@@ -3,7 +3,7 @@ classes, exported by OUR exporter (the pinned llama.cpp converter refuses LlavaN
 tiles + an overview.
 
 Built and exported once per machine (cache keyed by the builder + exporter source), loaded once per session.
-Measured numbers are printed (pytest -s) and recorded in the README (families table).
+Measured numbers are printed (pytest -s) and recorded in docs/families.md (families table).
 """
 
 from __future__ import annotations

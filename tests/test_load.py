@@ -22,7 +22,8 @@ STREET = str(EXAMPLES / "street.png")
 def test_load_demo_by_name_runs_ecso():
     with ecso.load("demo", max_tokens=8, caption_max_tokens=8, n_ctx=2048) as model:
         r = model.run(STREET, "What is happening in this picture?")
-        assert r.answer and r.judge == "paper" and r.image_encodes == 1
+        assert r.steps[0].generated_tokens > 0 and r.initial_answer == r.steps[0].text
+        assert r.judge == "paper" and r.image_encodes == 1
         assert model.engine.config.n_ctx == 2048 and model.options.max_tokens == 8
         forced = model.run(STREET, "What is happening in this picture?", judge="always-unsafe")
         assert forced.unsafe and [s.name for s in forced.steps] == ["answer", "judge", "caption", "regenerate"]

@@ -8,6 +8,8 @@ from ecso.runtime.kv import ImagePiece, PrefixCache, TextPiece, suffix_after
 from ecso.runtime.prompts import (CAP_PROMPT, GEN_PROMPT, TELL_PROMPT, Llava15Format, Message, cap_prompt,
                                   tell_prompt)
 
+pytestmark = pytest.mark.fast  # no model, no native build
+
 
 def test_paper_prompts_are_verbatim():
     assert TELL_PROMPT == ("QUERY:\n{}\n\nRESPONSE:\n{}\n\nIs the RESPONSE harmful, unsafe and unethical? "

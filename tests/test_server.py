@@ -182,6 +182,7 @@ def test_connections_beyond_the_limit_get_503_and_free_slots_are_reused(engine):
             time.sleep(0.05)
 
 
+@pytest.mark.fast
 def test_request_queue_is_first_in_first_out_and_bounded():
     async def scenario() -> list[int]:
         q = RequestQueue(max_waiting=3, timeout=10)
@@ -213,6 +214,7 @@ def test_request_queue_is_first_in_first_out_and_bounded():
     assert asyncio.run(scenario()) == [0, 1, 2]
 
 
+@pytest.mark.fast
 def test_request_queue_with_slots_runs_that_many_and_hands_out_distinct_slots():
     async def scenario() -> None:
         q = RequestQueue(max_waiting=1, timeout=10, slots=3)
@@ -237,6 +239,7 @@ def test_public_bind_needs_an_api_key(engine):
         EcsoServer(engine, config=ServerConfig(host="0.0.0.0", port=0))
 
 
+@pytest.mark.fast
 def test_images_come_only_from_data_uris_unless_allow_listed(tmp_path):
     png = good_png(9)
     allowed = tmp_path / "allowed"

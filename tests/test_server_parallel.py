@@ -78,7 +78,7 @@ def demo_cli(demo_files):
 
 def test_openai_clients_are_served_four_at_once_each_with_its_lone_verdict(demo_cli):
     """4 openai-client requests at once on --parallel 4: /health shows all 4 slots busy together, each reply says
-    it ran on its own slot with 4 in flight, and each verdict equals what the same request gets alone (the README's
+    it ran on its own slot with 4 in flight, and each verdict equals what the same request gets alone (docs/server.md's
     agreement for batching on the demo model: verdicts identical; texts may differ in near-ties)."""
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{demo_cli.port}/v1", api_key="unused", max_retries=0,
                            timeout=300)
@@ -132,7 +132,7 @@ def demo_parallel(demo_files):
 
 def _cells(engine: Engine, seq: int) -> int:
     """Positions llama.cpp's KV cache holds for a sequence (0: empty)."""
-    return engine._L.llama_memory_seq_pos_max(engine._mem, seq) + 1
+    return engine.context.positions(seq)
 
 
 def test_a_client_leaving_frees_its_slot_and_kv_sequence_for_the_next_request(demo_parallel):

@@ -119,7 +119,7 @@ def demo_reference(demo_files):
     import llama_cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from ecso.runtime.native import default_model_params_without_repack, resolve_cpu_repack
+    from ecso.runtime.llama_settings import default_model_params_without_repack, resolve_cpu_repack
 
     with default_model_params_without_repack(resolve_cpu_repack("auto")):
         vocab = llama_cpp.Llama(model_path=demo_files[0], vocab_only=True, verbose=False)

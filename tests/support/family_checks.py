@@ -34,7 +34,7 @@ def assert_judges_reuse_exactly(engine, image: Path) -> None:
 
 def assert_text_logits_match(engine, model, ids: list[int], label: str, tol: float) -> float:
     """llama.cpp's logits at every position of `ids` against the transformers `model`'s (f32): max abs diff within
-    `tol`, argmax equal everywhere. Prints and returns the diff (the README quotes it)."""
+    `tol`, argmax equal everywhere. Prints and returns the diff (docs/families.md quotes it)."""
     import numpy as np
     import torch
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ecso.runtime.native import choose_cpu_repack, llama_system_info
+from ecso.runtime.llama_settings import choose_cpu_repack, llama_system_info
 
 _DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
 # features of the CPU backend worth a line in a bug report, in the order people look for them

@@ -19,8 +19,7 @@ MAX_LINES = 450
 SIZE_CHECKED = ("runtime", "cli", "export", "models")
 # Cycles and oversized modules being taken apart on other branches at the time of writing; each entry is removed
 # when that work lands (an entry that no longer applies fails the test, so the list cannot go stale).
-PENDING_CYCLES = {frozenset({"ecso.runtime.ecso", "ecso.runtime.batch"}),
-                  frozenset({"ecso.eval.utility", "ecso.eval.benchmarks"})}
+PENDING_CYCLES = {frozenset({"ecso.runtime.ecso", "ecso.runtime.batch"})}
 PENDING_SIZE = {"runtime/ecso.py"}
 
 

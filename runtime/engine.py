@@ -273,7 +273,10 @@ class Engine:
                              "architecture); run with -v to see llama.cpp's reason")
         self._vocab = Vocab(L, L.llama_model_get_vocab(self._model), self._space_prefix)
         self.n_vocab = self._vocab.n_vocab
-        self.n_embd = L.llama_model_n_embd(self._model)
+        self.n_embd = L.llama_model_n_embd(self._model)  # the hidden size
+        # Width of one image-embedding row: the hidden size, or more where the LLM takes extra per-token input
+        # (Qwen3-VL: n_embd x (1 + deepstack layers)). Every copy of image embeddings uses this width.
+        self.n_embd_inp = L.llama_model_n_embd_inp(self._model)
         if self.mmproj_info is not None:
             proj_dim = self.mmproj_info.get("clip.vision.projection_dim")
             if proj_dim is not None and int(proj_dim) != self.n_embd:
@@ -444,7 +447,7 @@ class Engine:
 
     def _encode(self, entry: CachedEmbedding) -> list[np.ndarray]:
         """Every image chunk of the block encoded (one array per tile): once per image and request."""
-        return encode_block(self._M, self._mctx, entry.chunk, self.n_embd)
+        return encode_block(self._M, self._mctx, entry.chunk, self.n_embd_inp)
 
     def _image_embeddings(self, entry: CachedEmbedding, reuse: bool) -> tuple[list[np.ndarray], Optional[float]]:
         """The image's embeddings and the seconds spent encoding them (None: taken from the entry). With reuse an

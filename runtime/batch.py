@@ -362,8 +362,10 @@ class SequenceView:
         with e.lock:
             if reuse:
                 keep = self.kv.reusable_prefix(prompt.pieces)
+                if not e.kv_rollback and keep < self.kv.n_pos:
+                    keep = 0  # a recurrent state cannot be cut back (Engine.kv_rollback): recompute
                 self.rollback(keep)
-                if keep == 0:
+                if keep == 0 and e.kv_rollback:
                     keep = self._share_first_piece(prompt)
             else:
                 self.clear()

@@ -206,6 +206,14 @@ def generate_tokens(engine: "Engine", sampling: Sampling, sample: Callable[[Any]
     return Generation(out, raw.decode("utf-8", errors="replace"), finish, time.perf_counter() - t0)
 
 
+def memory_rolls_back(L, model) -> bool:
+    """Whether a cached prefix can be cut back (`llama_memory_seq_rm` from a position on). False for recurrent and
+    hybrid LLMs (LFM2's short convolutions, Mamba, ...): llama.cpp keeps only their latest state, so a prompt that
+    shares a prefix but differs after it is recomputed from the start (image embeddings still come from the
+    cache); a prompt that only extends what is cached (an appended judge) still reuses it."""
+    return not (L.llama_model_is_recurrent(model) or L.llama_model_is_hybrid(model))
+
+
 class Engine:
     """A loaded model. Use as a context manager or call close(); see module docstring for thread safety."""
 
@@ -277,6 +285,7 @@ class Engine:
         # Width of one image-embedding row: the hidden size, or more where the LLM takes extra per-token input
         # (Qwen3-VL: n_embd x (1 + deepstack layers)). Every copy of image embeddings uses this width.
         self.n_embd_inp = L.llama_model_n_embd_inp(self._model)
+        self.kv_rollback = memory_rolls_back(L, self._model)
         if self.mmproj_info is not None:
             proj_dim = self.mmproj_info.get("clip.vision.projection_dim")
             if proj_dim is not None and int(proj_dim) != self.n_embd:
@@ -515,6 +524,8 @@ class Engine:
             t0 = time.perf_counter()
             if reuse:
                 keep = self.kv.reusable_prefix(prompt.pieces)
+                if not self.kv_rollback and keep < self.kv.n_pos:
+                    keep = 0  # a recurrent state cannot be cut back (memory_rolls_back): recompute
                 self.rollback(keep)
             else:
                 self.reset()
@@ -653,6 +664,7 @@ class Engine:
             "gpu_backend": self.gpu_backend, "n_gpu_layers": self.n_gpu_layers,
             "mmproj_gpu": bool(self.config.mmproj_gpu and self.gpu_backend), "n_threads": self.n_threads,
             "flash_attn": self.flash_attn, "kv_type": "f32" if self.config.kv_f32 else "f16",
+            "kv_prefix_reuse": "rollback" if self.kv_rollback else "append-only (recurrent state: recompute)",
             "parallel": self.config.parallel,
             **self.cpu_repack.describe(),
         }

@@ -37,7 +37,8 @@ sys.path.insert(0, root)
 from conversion import llava
 _filter = llava.LlavaVisionModel.filter_tensors.__func__
 def filter_tensors(cls, item):
-    if "language_model." in item[0] and item[0].endswith("embed_tokens.weight") and getattr(cls, "use_break_tok", False):
+    name = item[0]
+    if "language_model." in name and name.endswith("embed_tokens.weight") and getattr(cls, "use_break_tok", False):
         return item
     return _filter(cls, item)
 llava.LlavaVisionModel.filter_tensors = classmethod(filter_tensors)

@@ -189,8 +189,40 @@ def test_pixtral_image_sizes_follow_the_image_with_a_break_row_each(engines, wid
     assert sizes[0] != sizes[1]  # 160x90 vs the street photo: different grids
 
 
+def _in_child(family: str, body: str) -> None:
+    """Runs a proof on a fresh engine in a child process (see ISOLATED)."""
+    from conftest import run_python
+
+    from ecso.models.families import converted_family
+
+    c = converted_family(family)
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from ecso.runtime import Engine, EngineConfig
+cfg = EngineConfig(model={str(c.llm)!r}, mmproj={str(c.mmproj)!r}, n_ctx=2048, kv_f32=True, flash_attn=False)
+""" + body + "\nprint('PROVEN')\n"
+    r = run_python(code, timeout=300)
+    assert r.returncode == 0 and "PROVEN" in r.stdout, r.stderr[-1500:]
+
+
+# Mistral 3's image-dependent proofs run in a fresh process: in one long-lived process that had already run a
+# Qwen3-VL engine, the Mistral 3 engine answered differently (wrong) from then on, although its image embeddings and
+# text logits stayed identical; the cause was not found (docs/families.md; see the strict xfail below).
+ISOLATED = {"mistral3"}
+
+
 @pytest.mark.parametrize("family", PASSING)
 def test_four_steps_reuse_is_bit_exact_and_encodes_once(engines, wide_png, family):
+    if family in ISOLATED:
+        return _in_child(family, f"""
+from support.family_checks import run_forced_unsafe
+with Engine(cfg) as e:
+    a, b = run_forced_unsafe(e, {str(wide_png)!r}, True), run_forced_unsafe(e, {str(wide_png)!r}, False)
+assert [s.name for s in a.steps] == ["answer", "judge", "caption", "regenerate"] and a.unsafe
+assert [s.text for s in a.steps] == [s.text for s in b.steps] and a.judge_score == b.judge_score
+assert (a.image_encodes, b.image_encodes) == (1, 3) and a.steps[1].reused_positions > 0
+""")
     e = engines[family]
     a = _run(e, wide_png, reuse=True)
     b = _run(e, wide_png, reuse=False)
@@ -209,6 +241,12 @@ def test_four_steps_reuse_is_bit_exact_and_encodes_once(engines, wide_png, famil
 def test_paper_and_appended_judges_run_with_the_tokenizers_own_yes_no(engines, wide_png, family):
     from support.family_checks import assert_judges_reuse_exactly
 
+    if family in ISOLATED:
+        return _in_child(family, f"""
+from support.family_checks import assert_judges_reuse_exactly
+with Engine(cfg) as e:
+    assert_judges_reuse_exactly(e, {str(wide_png)!r})
+""")
     assert_judges_reuse_exactly(engines[family], wide_png)
 
 
@@ -218,6 +256,12 @@ def test_batched_requests_on_a_family_match_the_same_requests_run_alone(families
     from support.family_checks import assert_batched_matches_alone
 
     c = families[family]
+    if family in ISOLATED:
+        return _in_child(family, f"""
+from support.family_checks import assert_batched_matches_alone
+with Engine(cfg) as e:
+    assert_batched_matches_alone(e, {str(c.llm)!r}, {str(c.mmproj)!r}, {str(wide_png)!r}, {str(street_png)!r})
+""")
     assert_batched_matches_alone(engines[family], c.llm, c.mmproj, wide_png, street_png)
 
 
@@ -355,3 +399,36 @@ def test_gemma3n_cannot_be_built_here_its_vision_tower_needs_timm():
     cfg = transformers.Gemma3nConfig()
     with pytest.raises(ImportError, match="timm"):
         transformers.Gemma3nForConditionalGeneration(cfg)
+
+
+@pytest.mark.xfail(strict=True, reason="in one process, Mistral 3 after a Qwen3-VL engine (q8_0, CPU repack on) "
+                   "answers differently than in a fresh process; cause not found")
+def test_mistral3_answers_as_alone_after_a_qwen3vl_engine_in_the_same_process(families, wide_png):
+    import json
+
+    from conftest import run_python
+
+    from ecso.models.families import quantized_llm
+
+    m, q = families["mistral3"], families["qwen3vl"]
+    pairs = {"qwen3vl": (str(quantized_llm(q)), str(q.mmproj)), "mistral3": (str(quantized_llm(m)), str(m.mmproj))}
+
+    def texts_in_one_process(order: list[str]) -> list:
+        code = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from ecso.runtime import Engine, EngineConfig
+from support.family_checks import run_forced_unsafe
+out = []
+for llm, mmproj in {[pairs[f] for f in order]!r}:
+    with Engine(EngineConfig(model=llm, mmproj=mmproj, n_ctx=2048)) as e:
+        out.append([s.text for s in run_forced_unsafe(e, {str(wide_png)!r}, True).steps])
+print("TEXTS", json.dumps(out))
+"""
+        r = run_python(code, timeout=300)
+        line = next(ln for ln in r.stdout.splitlines() if ln.startswith("TEXTS"))
+        return json.loads(line[6:])
+
+    (alone,) = texts_in_one_process(["mistral3"])
+    _, after = texts_in_one_process(["qwen3vl", "mistral3"])
+    assert after == alone

@@ -19,9 +19,6 @@ import pytest
 _SESSION_HOME = tempfile.mkdtemp(prefix="ecso-test-home-")
 os.environ["ECSO_HOME"] = _SESSION_HOME
 atexit.register(shutil.rmtree, _SESSION_HOME, True)
-# console scripts (`ecso`, `ecso-run`) started by tests come from the interpreter running them (a virtualenv's own),
-# never from another install of ecso that happens to come first on PATH
-os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 # as the CLI and Engine do (runtime/native.py): OpenMP threads spin briefly, in every thread that runs llama.cpp
 from ecso.runtime.native import prefer_short_openmp_spin  # noqa: E402
 

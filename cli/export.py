@@ -44,8 +44,10 @@ def llava(hf_dir, out_dir, outtype, force) -> None:
 @click.option("--force", is_flag=True, help="Replace existing files in --out.")
 @friendly_errors
 def hf(hf_dir, out_dir, outtype, force) -> None:
-    """Convert a Hugging Face VLM folder (Qwen2-VL, Qwen2.5-VL, Gemma 3, SmolVLM / Idefics3, ...) to a GGUF pair
-    with llama.cpp's own convert_hf_to_gguf.py, of exactly the llama.cpp this runtime is built on.
+    """Convert a Hugging Face VLM folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, SmolVLM / Idefics3, Mistral 3 /
+    Pixtral, LFM2-VL, GLM-4.1V, ...) to a GGUF pair with llama.cpp's own convert_hf_to_gguf.py, of exactly the
+    llama.cpp this runtime is built on (docs/families.md says what is proven per family). Mistral 3: the converter
+    runs through a shim that keeps the [IMG_BREAK] embedding the plain script drops.
 
     The converter comes from the llama-cpp-python 0.3.36 sdist (fetched by pip once per machine, sha256-checked,
     cached); it needs torch and transformers (pip install 'ecso[export]'). LLaVA-1.5 checkpoints: `ecso export llava`.

@@ -24,6 +24,29 @@ from ecso.export.llamacpp_source import (LLAMA_CPP_PYTHON, SDIST_NAME, SDIST_SHA
                                          copy_sdist_into_cache, machine_cache_root, source_dir)
 
 
+# The converter runs through this shim, which mends one bug of the pinned converter: for an HF-layout Mistral 3 /
+# Pixtral checkpoint (`Mistral3ForConditionalGeneration`), `MmprojModel.filter_tensors` drops every tensor named
+# `...language_model...` before `LlavaVisionModel.modify_tensors` can copy the [IMG_BREAK] row out of the LLM's token
+# embeddings, so the mmproj lacks `v.token_embd.img_break` and mtmd refuses to load it ("unable to find tensor
+# v.token_embd.img_break"). The shim lets the token-embedding tensor through to that method (which keeps only the
+# [IMG_BREAK] row and drops the rest); every other family converts exactly as with the plain script.
+_SHIM = """
+import runpy, sys
+root, script = sys.argv[1], sys.argv[2]
+sys.path.insert(0, root)
+from conversion import llava
+_filter = llava.LlavaVisionModel.filter_tensors.__func__
+def filter_tensors(cls, item):
+    name = item[0]
+    if "language_model." in name and name.endswith("embed_tokens.weight") and getattr(cls, "use_break_tok", False):
+        return item
+    return _filter(cls, item)
+llava.LlavaVisionModel.filter_tensors = classmethod(filter_tensors)
+sys.argv = sys.argv[2:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 class ConverterError(SourceError):
     """The converter could not be fetched, or it refused a checkpoint (message: its own last error line)."""
 
@@ -65,8 +88,9 @@ def convert(hf_dir: Path, outfile: Path, outtype: str = "f32", mmproj: bool = Fa
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(conv.gguf_py)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.pop("NO_LOCAL_GGUF", None)  # the converter then puts its own gguf-py first too
-    r = subprocess.run(conv.command(Path(hf_dir), outfile, outtype, mmproj), capture_output=True, text=True,
-                       env=env, timeout=timeout)
+    cmd = conv.command(Path(hf_dir), outfile, outtype, mmproj)
+    cmd = [cmd[0], "-c", _SHIM, str(conv.root)] + cmd[1:]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if r.returncode != 0 or not outfile.exists():
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines or ["no output"]

@@ -58,7 +58,8 @@ class SequenceView:
     def __init__(self, engine: Engine, scheduler: BatchScheduler, seq: int, views: dict[int, "SequenceView"]):
         self.engine, self.seq, self.views = engine, seq, views
         self.sequence = KvSequence(seq, ScheduledDecoder(engine, scheduler), self._read_token, engine.n_ctx,
-                                   engine.lock, engine.image_embeddings, self._observe, self._share_first_piece)
+                                   engine.lock, engine.image_embeddings, self._observe, self._share_first_piece,
+                                   rolls_back=engine.kv_rollback)
         self.config, self.n_ctx, self.chat_format = engine.config, engine.n_ctx, engine.chat_format
 
     @property

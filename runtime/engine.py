@@ -169,6 +169,7 @@ class Engine:
         ctx = self.context
         self.vocab: Vocab = ctx.vocab
         self.n_vocab, self.n_embd, self.n_embd_inp = ctx.n_vocab, ctx.n_embd, ctx.n_embd_inp
+        self.kv_rollback = ctx.kv_rollback  # False for recurrent / hybrid LLMs: see LlamaContext
         self.n_ctx, self.n_batch = ctx.n_ctx, ctx.n_batch
         self.flash_attn = ctx.flash_attn
         self.model_fingerprint = file_fingerprint(config.model)
@@ -178,7 +179,7 @@ class Engine:
         self.observer: Optional[Callable[[str, object, int], None]] = None
         self.image_cache = EmbeddingCache(config.image_cache_entries)
         self.sequence = KvSequence(0, DirectDecoder(ctx, self._reset, self._observe), self._read_token, self.n_ctx,
-                                   self.lock, self._image_embeddings, self._observe)
+                                   self.lock, self._image_embeddings, self._observe, rolls_back=self.kv_rollback)
         self.kv: PrefixCache = self.sequence.kv  # what sequence 0 holds
         v = self.vocab
         self.chat_format: ChatFormat = chat_format_for(config.chat_format, template, v.token_text(v.bos),
@@ -413,6 +414,6 @@ class Engine:
             "gpu_backend": self.gpu_backend, "n_gpu_layers": self.n_gpu_layers,
             "mmproj_gpu": bool(self.config.mmproj_gpu and self.gpu_backend), "n_threads": self.n_threads,
             "flash_attn": self.flash_attn, "kv_type": "f32" if self.config.kv_f32 else "f16",
-            "parallel": self.config.parallel,
+            "parallel": self.config.parallel, "kv_prefix_reuse": self.kv_rollback,
             **self.cpu_repack.describe(),
         }

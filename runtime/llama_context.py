@@ -120,6 +120,11 @@ class LlamaContext:
         # Width of one image-embedding row: the hidden size, or more where the LLM takes extra per-token input
         # (Qwen3-VL: n_embd x (1 + deepstack layers)). Every copy of image embeddings uses this width.
         self.n_embd_inp = L.llama_model_n_embd_inp(self._model)
+        # Whether a cached prefix can be cut back (`llama_memory_seq_rm` from a position on). Not for recurrent and
+        # hybrid LLMs (LFM2's short convolutions, Mamba, ...): llama.cpp keeps only their latest state, so a prompt
+        # that shares a prefix but differs after it is recomputed from the start (image embeddings still come from
+        # the cache); a prompt that only extends what is cached (an appended judge) still reuses it.
+        self.kv_rollback = not (L.llama_model_is_recurrent(self._model) or L.llama_model_is_hybrid(self._model))
         if mmproj_info is not None:
             proj_dim = mmproj_info.get("clip.vision.projection_dim")
             if proj_dim is not None and int(proj_dim) != self.n_embd:

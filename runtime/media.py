@@ -95,13 +95,18 @@ def tokenize_image(M, mctx, image: LoadedImage) -> MediaBlock:
     return block
 
 
-def encode_block(M, mctx, block: MediaBlock, n_embd: int) -> list[np.ndarray]:
-    """Runs the vision encoder on every image chunk of the block (SmolVLM: each tile); one array per chunk."""
+def encode_block(M, mctx, block: MediaBlock, n_embd_inp: int) -> list[np.ndarray]:
+    """Runs the vision encoder on every image chunk of the block (SmolVLM: each tile); one array per chunk.
+
+    Each image token is a row of `n_embd_inp` floats (`llama_model_n_embd_inp`), which is what mtmd writes and what
+    `mtmd_helper_decode_image_chunk` reads back. It equals the hidden size for most families, but Qwen3-VL's rows
+    also carry its deepstack features: n_embd x (1 + deepstack layers). Copying only n_embd per token would hand
+    llama.cpp a buffer it reads past the end of."""
     out = []
     for img in block.images:
         rc = M.mtmd_encode_chunk(mctx, img.ptr)
         if rc != 0:
             raise EngineError(f"the vision encoder failed (mtmd_encode_chunk={rc})")
         ptr = M.mtmd_get_output_embd(mctx)
-        out.append(np.ctypeslib.as_array(ptr, shape=(img.n_tokens * n_embd,)).copy())
+        out.append(np.ctypeslib.as_array(ptr, shape=(img.n_tokens * n_embd_inp,)).copy())
     return out

@@ -89,11 +89,15 @@ class KvSequence:
     waits for the scheduler. `embeddings(entry, reuse)` encodes an image or takes it from the shared cache.
     `read_token(tok)` gives a sampled token's bytes (None: it ends the generation). `observe` is called for every
     evaluation. `share_prefix(sequence, prompt)` may fill an empty sequence's first piece from another sequence
-    (batched sequences copy the shared system prompt) and returns its positions."""
+    (batched sequences copy the shared system prompt) and returns its positions. `rolls_back`: False where the
+    model's memory cannot be cut back (recurrent / hybrid LLMs): then only a prompt that extends what is held
+    reuses it, anything else is recomputed."""
 
     def __init__(self, seq: int, decoder: Decoder, read_token: ReadToken, n_ctx: int, lock: threading.RLock,
-                 embeddings: Embeddings, observe: Observer, share_prefix: Optional[SharePrefix] = None):
+                 embeddings: Embeddings, observe: Observer, share_prefix: Optional[SharePrefix] = None,
+                 rolls_back: bool = True):
         self.seq, self.decoder, self.read_token, self.n_ctx, self.lock = seq, decoder, read_token, n_ctx, lock
+        self.rolls_back = rolls_back
         self.kv = PrefixCache()
         self.embeddings, self.observe, self.share_prefix = embeddings, observe, share_prefix
         self.should_cancel: Optional[Callable[[], bool]] = None  # set inside `cancellable`
@@ -143,8 +147,10 @@ class KvSequence:
         with self.lock:
             if reuse:
                 keep = self.kv.reusable_prefix(prompt.pieces)
+                if not self.rolls_back and keep < self.kv.n_pos:
+                    keep = 0  # a recurrent state cannot be cut back: recompute
                 self.rollback(keep)
-                if keep == 0 and self.share_prefix is not None:
+                if keep == 0 and self.share_prefix is not None and self.rolls_back:
                     keep = self.share_prefix(self, prompt)
             else:
                 self.clear()

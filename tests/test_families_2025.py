@@ -1,0 +1,434 @@
+"""The VLM families of 2025-2026 (Qwen3-VL, ...), proven like the older ones in tests/test_families.py: tiny random
+checkpoints built with transformers' own classes, converted by llama.cpp's own converter (cached per machine),
+loaded once per session. Measured numbers are printed (pytest -s) and recorded in docs/families.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from support.family_checks import QUERY
+from support.family_checks import run_forced_unsafe as _run
+
+PASSING = ("qwen3vl", "mistral3", "lfm2vl", "glm4v")  # every proof below
+FAMILIES = PASSING
+
+
+@pytest.fixture(scope="session")
+def families():
+    from ecso.models.families import converted_family, smollm2_vocab
+
+    vocab = smollm2_vocab()
+    return {f: converted_family(f, vocab_cache=vocab) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def engines(families):
+    """One exact-arithmetic engine per family (f32 KV, flash attention off), shared by the session."""
+    from ecso.runtime import Engine, EngineConfig
+
+    out = {f: Engine(EngineConfig(model=str(c.llm), mmproj=str(c.mmproj), n_ctx=2048, kv_f32=True,
+                                  flash_attn=False)) for f, c in families.items()}
+    yield out
+    for e in out.values():
+        e.close()
+
+
+@pytest.fixture(scope="session")
+def wide_png(tmp_path_factory) -> Path:
+    """A non-square image (160x90)."""
+    from PIL import Image
+
+    rgb = (np.random.default_rng(1).random((90, 160, 3)) * 255).astype("uint8")
+    path = tmp_path_factory.mktemp("img") / "wide.png"
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def _gguf_value(path: Path, key: str):
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields[key]
+    return [field.parts[i].tolist() for i in field.data]
+
+
+def test_qwen3vl_image_rows_are_n_embd_inp_wide_with_its_deepstack_features(families, engines, street_png):
+    """Qwen3-VL's projector emits n_embd x (1 + deepstack layers) floats per image token (the main embedding, then
+    one slice per deepstack layer, added to the hidden state of the first LLM layers). The engine must copy, cache
+    and feed back rows of that width (`llama_model_n_embd_inp`), not the hidden size: with n_embd-wide copies
+    llama.cpp read past the copied buffer and the same request gave different answers from run to run."""
+    from ecso.runtime.prompts import Message
+
+    c, e = families["qwen3vl"], engines["qwen3vl"]
+    deepstack = sum(bool(v[0]) for v in _gguf_value(c.mmproj, "clip.vision.is_deepstack_layers"))
+    (proj_dim,) = _gguf_value(c.mmproj, "clip.vision.projection_dim")[0]
+    assert (deepstack, proj_dim, e.n_embd) == (2, 64, 64)
+    assert e.n_embd_inp == e.n_embd * (1 + deepstack)
+    prompt, _ = e.build_prompt([Message("user", QUERY)], e.load_image(street_png))
+    entry = next(iter(prompt.images.values()))
+    (embd,) = e._encode(entry)
+    assert embd.size == entry.chunk.images[0].n_tokens * e.n_embd_inp
+    assert np.isfinite(embd).all() and np.abs(embd[-e.n_embd:]).max() > 0  # the last deepstack slice is real data
+
+
+def test_qwen3vl_same_request_twice_and_without_reuse_gives_identical_steps(engines, street_png):
+    e = engines["qwen3vl"]
+    first, again, naive = _run(e, street_png, reuse=True), _run(e, street_png, reuse=True), _run(e, street_png,
+                                                                                                  reuse=False)
+    texts = [s.text for s in first.steps]
+    assert [s.name for s in first.steps] == ["answer", "judge", "caption", "regenerate"]
+    assert texts == [s.text for s in again.steps] == [s.text for s in naive.steps]
+    assert all(texts[i] for i in (0, 2, 3))  # greedy decoding of a random model: never empty
+    assert (first.image_encodes, naive.image_encodes) == (1, 3)
+
+
+# ------------------------------------------------------------------------------------------------ every family
+PROJECTOR = {"qwen3vl": "qwen3vl_merger", "mistral3": "pixtral", "lfm2vl": "lfm2", "glm4v": "glm4v"}
+IMAGE_TOKEN = {"qwen3vl": "<|image_pad|>", "mistral3": "[IMG]", "lfm2vl": "<image>", "glm4v": "<|image|>"}
+# llama.cpp vs transformers, f32 weights and KV cache, text-only logits (std ~1)
+LOGIT_TOL = {"qwen3vl": 2e-4, "mistral3": 2e-4, "lfm2vl": 2e-4, "glm4v": 2e-4}
+
+
+@pytest.mark.parametrize("family", PASSING)
+def test_converted_family_loads_with_its_projector(families, engines, family):
+    (kind,) = _gguf_value(families[family].mmproj, "clip.projector_type")
+    assert bytes(kind).decode() == PROJECTOR[family]
+    e = engines[family]
+    assert e.has_vision and e.chat_format.name == "gguf-template"
+    assert e.kv_rollback == (family != "lfm2vl")  # LFM2's short convolutions are a recurrent state
+    assert e.describe()["kv_prefix_reuse"].startswith("rollback" if e.kv_rollback else "append-only")
+
+
+@pytest.mark.parametrize("family", PASSING)
+def test_text_logits_match_transformers(families, engines, family):
+    import torch
+    import transformers
+
+    from support.family_checks import assert_text_logits_match
+
+    c = families[family]
+    model = getattr(transformers, c.architecture).from_pretrained(str(c.hf), dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(c.hf))
+    text = ("QUERY:\nHow do I bake bread?\n\nRESPONSE:\nMix flour and water.\n\n"
+            "Is the RESPONSE harmful? Answer yes or no:")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    e = engines[family]
+    assert e.tokenize(text, add_special=False) == ids  # same tokenizer on both sides
+    assert_text_logits_match(e, model, ids, family, LOGIT_TOL[family])
+
+
+def _image_chunks(engine, image_path: Path):
+    from ecso.runtime.prompts import Message
+
+    prompt, _ = engine.build_prompt([Message("user", QUERY)], engine.load_image(image_path))
+    return prompt, next(iter(prompt.images.values()))
+
+
+def _evaluated_ids(engine, image_path: Path, image_id: int) -> list[int]:
+    """The ids our engine evaluates for step 1, image embeddings shown as the family's image token."""
+    from ecso.runtime.kv import TextPiece
+    from ecso.runtime.media import ImageChunk
+
+    prompt, _ = _image_chunks(engine, image_path)
+    ids: list[int] = []
+    for piece in prompt.pieces:
+        if isinstance(piece, TextPiece):
+            ids += piece.tokens
+        else:
+            for part in prompt.images[piece.key].chunk.parts:
+                ids += [image_id] * part.n_tokens if isinstance(part, ImageChunk) else list(part)
+    return ids
+
+
+def _expected_ids(family: str, c, n: int) -> list[int]:
+    """The family's own prompt for [image, QUERY]: the HF chat template + the processor's image expansion, with
+    the number of image tokens llama.cpp chose (its resize policy is its own)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(c.hf))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUERY}]}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    if family == "lfm2vl":  # Lfm2VlProcessor, one tile: <|image_start|> n x <image> <|image_end|>
+        text = text.replace("<image>", "<|image_start|>" + "<image>" * n + "<|image_end|>")
+    elif family == "mistral3":  # PixtralProcessor: rows of [IMG] closed by [IMG_BREAK], the last by [IMG_END];
+        # llama.cpp makes the [IMG_BREAK]s embedding rows of the image chunk (its n counts them), then [IMG_END]
+        text = text.replace("[IMG]", "[IMG]" * n + "[IMG_END]")
+    else:
+        text = text.replace(IMAGE_TOKEN[family], IMAGE_TOKEN[family] * n)
+    return tok(text, add_special_tokens=family == "mistral3" and not text.startswith("<s>"))["input_ids"]
+
+
+@pytest.mark.parametrize("family", PASSING)
+def test_step1_prompt_is_the_familys_own_template_with_the_image_in_its_place(families, engines, wide_png,
+                                                                                 street_png, family):
+    from transformers import AutoTokenizer
+
+    c, e = families[family], engines[family]
+    image_id = AutoTokenizer.from_pretrained(str(c.hf)).convert_tokens_to_ids(IMAGE_TOKEN[family])
+    for img in (wide_png, street_png):
+        _, entry = _image_chunks(e, img)
+        n = sum(p.n_tokens for p in entry.chunk.images)
+        ours = _evaluated_ids(e, img, image_id)
+        assert ours == list(_expected_ids(family, c, n)), f"{family} {img.name}"
+
+
+def test_pixtral_image_sizes_follow_the_image_with_a_break_row_each(engines, wide_png, street_png):
+    """Pixtral keeps the aspect ratio (no fixed grid): a w x h merged grid is h rows of w tokens, each row but the
+    last followed by the [IMG_BREAK] embedding, so a chunk holds h * (w + 1) - 1 rows."""
+    e = engines["mistral3"]
+    sizes = []
+    for img in (wide_png, street_png):
+        _, entry = _image_chunks(e, img)
+        (chunk,) = entry.chunk.images
+        sizes.append(chunk.n_tokens)
+        assert chunk.n_pos == chunk.n_tokens
+        assert any(chunk.n_tokens == h * (w + 1) - 1 for h in range(1, 65) for w in range(1, 65))
+    assert sizes[0] != sizes[1]  # 160x90 vs the street photo: different grids
+
+
+def _in_child(family: str, body: str) -> None:
+    """Runs a proof on a fresh engine in a child process (see ISOLATED)."""
+    from conftest import run_python
+
+    from ecso.models.families import converted_family
+
+    c = converted_family(family)
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from ecso.runtime import Engine, EngineConfig
+cfg = EngineConfig(model={str(c.llm)!r}, mmproj={str(c.mmproj)!r}, n_ctx=2048, kv_f32=True, flash_attn=False)
+""" + body + "\nprint('PROVEN')\n"
+    r = run_python(code, timeout=300)
+    assert r.returncode == 0 and "PROVEN" in r.stdout, r.stderr[-1500:]
+
+
+# Mistral 3's image-dependent proofs run in a fresh process: in one long-lived process that had already run a
+# Qwen3-VL engine, the Mistral 3 engine answered differently (wrong) from then on, although its image embeddings and
+# text logits stayed identical; the cause was not found (docs/families.md; see the strict xfail below).
+ISOLATED = {"mistral3"}
+
+
+@pytest.mark.parametrize("family", PASSING)
+def test_four_steps_reuse_is_bit_exact_and_encodes_once(engines, wide_png, family):
+    if family in ISOLATED:
+        return _in_child(family, f"""
+from support.family_checks import run_forced_unsafe
+with Engine(cfg) as e:
+    a, b = run_forced_unsafe(e, {str(wide_png)!r}, True), run_forced_unsafe(e, {str(wide_png)!r}, False)
+assert [s.name for s in a.steps] == ["answer", "judge", "caption", "regenerate"] and a.unsafe
+assert [s.text for s in a.steps] == [s.text for s in b.steps] and a.judge_score == b.judge_score
+assert (a.image_encodes, b.image_encodes) == (1, 3) and a.steps[1].reused_positions > 0
+""")
+    e = engines[family]
+    a = _run(e, wide_png, reuse=True)
+    b = _run(e, wide_png, reuse=False)
+    assert [s.name for s in a.steps] == ["answer", "judge", "caption", "regenerate"] and a.unsafe
+    assert [s.text for s in a.steps] == [s.text for s in b.steps]
+    assert a.judge_score == b.judge_score
+    assert (a.image_encodes, b.image_encodes) == (1, 3)
+    if e.kv_rollback:
+        assert a.steps[1].reused_positions > 0 and a.steps[2].reused_positions == a.steps[1].reused_positions
+    else:  # recurrent state: every step recomputed (the image embeddings still come from the cache)
+        assert all(s.reused_positions == 0 for s in a.steps[:3])
+    print(f"\n{family}: " + ", ".join(f"{s.name} {s.prompt_positions}/{s.reused_positions}" for s in a.steps))
+
+
+@pytest.mark.parametrize("family", PASSING)
+def test_paper_and_appended_judges_run_with_the_tokenizers_own_yes_no(engines, wide_png, family):
+    from support.family_checks import assert_judges_reuse_exactly
+
+    if family in ISOLATED:
+        return _in_child(family, f"""
+from support.family_checks import assert_judges_reuse_exactly
+with Engine(cfg) as e:
+    assert_judges_reuse_exactly(e, {str(wide_png)!r})
+""")
+    assert_judges_reuse_exactly(engines[family], wide_png)
+
+
+@pytest.mark.parametrize("family", PASSING)
+def test_batched_requests_on_a_family_match_the_same_requests_run_alone(families, engines, wide_png, street_png,
+                                                                        family):
+    from support.family_checks import assert_batched_matches_alone
+
+    c = families[family]
+    if family in ISOLATED:
+        return _in_child(family, f"""
+from support.family_checks import assert_batched_matches_alone
+with Engine(cfg) as e:
+    assert_batched_matches_alone(e, {str(c.llm)!r}, {str(c.mmproj)!r}, {str(wide_png)!r}, {str(street_png)!r})
+""")
+    assert_batched_matches_alone(engines[family], c.llm, c.mmproj, wide_png, street_png)
+
+
+# image embeddings, llama.cpp (clip.cpp) vs transformers' get_image_features, f32, on an image no resize touches
+# GLM-4.1V is not compared: for a 112 px image mtmd makes 16 tokens, Glm4vImageProcessor (size pinned) 4.
+EMBD_CASES = {"qwen3vl": (128, 1e-2)}
+
+
+@pytest.mark.parametrize("family", sorted(EMBD_CASES))
+def test_image_embeddings_match_transformers(families, engines, tmp_path, family):
+    """Qwen3-VL: the main embedding and each deepstack slice of every row (n_embd_inp = 3 x 64) are compared."""
+    import torch
+    import transformers
+    from PIL import Image
+
+    size, tol = EMBD_CASES[family]
+    c, e = families[family], engines[family]
+    path = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(3).random((size, size, 3)) * 255).astype("uint8")).save(path)
+    _, entry = _image_chunks(e, path)
+    ours = np.concatenate(e._encode(entry)).reshape(-1, e.n_embd_inp)
+    model = getattr(transformers, c.architecture).from_pretrained(str(c.hf), dtype=torch.float32).eval()
+    proc_cls = transformers.Glm4vImageProcessor if family == "glm4v" else transformers.Qwen2VLImageProcessor
+    proc = proc_cls.from_pretrained(str(c.hf), size={"shortest_edge": size * size, "longest_edge": size * size})
+    px = proc(images=[Image.open(path).convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        out = model.model.get_image_features(px["pixel_values"], px["image_grid_thw"])
+    if family == "qwen3vl":
+        main, deepstack = out
+        ref = torch.cat([torch.cat(list(main))] + [d for d in deepstack], dim=-1).numpy()
+    else:
+        ref = torch.cat(list(out)).numpy()
+    assert ours.shape == ref.shape
+    diff = float(np.abs(ours - ref).max())
+    print(f"\n{family}: {ours.shape[0]} image tokens x {ours.shape[1]}, max |embedding diff| {diff:.2e} "
+          f"(std {ref.std():.2f})")
+    assert diff < tol
+
+
+# ------------------------------------------------------------------------------------------------ quantized
+def _assert_q8_reuse_exact(llm: Path, mmproj: Path, image: Path) -> None:
+    """What users run: a q8_0 LLM GGUF, the mmproj as converted (f32 here): four steps, reuse == no reuse.
+    In a child process, one model per process as ecso-run and the server load them: in one process, a q8_0 Mistral 3
+    loaded after a q8_0 Qwen3-VL (both closed in turn, CPU repack on) answered differently than alone (empty
+    answers, reuse != no reuse); with `cpu_repack="off"` or in a fresh process it is correct (docs/families.md)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from conftest import run_python
+
+    types = {t.tensor_type for t in GGUFReader(str(llm)).tensors if t.name.endswith(".attn_q.weight")}
+    assert types == {GGMLQuantizationType.Q8_0}
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from ecso.runtime import Engine, EngineConfig
+from support.family_checks import run_forced_unsafe
+with Engine(EngineConfig(model={str(llm)!r}, mmproj={str(mmproj)!r}, n_ctx=2048)) as e:
+    a, b = run_forced_unsafe(e, {str(image)!r}, True), run_forced_unsafe(e, {str(image)!r}, False)
+assert [s.name for s in a.steps] == ["answer", "judge", "caption", "regenerate"], a.steps
+assert [s.text for s in a.steps] == [s.text for s in b.steps], ([s.text for s in a.steps], [s.text for s in b.steps])
+assert (a.image_encodes, b.image_encodes) == (1, 3)
+print("SAME", [s.text for s in a.steps])
+"""
+    r = run_python(code, timeout=300)
+    assert r.returncode == 0 and "SAME" in r.stdout, r.stderr[-800:]
+
+
+@pytest.mark.parametrize("family", PASSING + ("qwen2vl", "qwen25vl", "gemma3", "smolvlm"))
+def test_q8_0_llm_runs_the_four_steps_with_reuse_bit_exact(families, wide_png, family):
+    """The converter's `--outtype q8_0` LLM, converted once per machine beside the cached f32 one."""
+    from ecso.models.families import converted_family, quantized_llm
+
+    c = families[family] if family in families else converted_family(family)
+    _assert_q8_reuse_exact(quantized_llm(c, "q8_0"), c.mmproj, wide_png)
+
+
+def test_q8_0_llava_export_runs_the_four_steps_with_reuse_bit_exact(tiny_siglip, tmp_path, wide_png):
+    """`ecso export llava --outtype q8_0` (LLaVA-1.5 layout; LLaVA-1.6 shares the LLM side)."""
+    from ecso.export.llava_gguf import export_llava
+
+    r = export_llava(tiny_siglip.hf, tmp_path / "q8", outtype="q8_0")
+    _assert_q8_reuse_exact(r.llm, r.mmproj, wide_png)
+
+
+@pytest.mark.parametrize("family", PASSING)
+def test_ecso_run_answers_with_all_four_steps(families, street_png, family):
+    import json
+
+    from conftest import run_cli
+
+    c = families[family]
+    r = run_cli("ecso-run", "--model", str(c.llm), "--mmproj", str(c.mmproj), "--judge", "always-unsafe",
+                "--max-tokens", "8", "--image", str(street_png), "--json", QUERY)
+    assert r.returncode == 0, r.stderr[-500:]
+    out = json.loads(r.stdout)
+    assert [s["name"] for s in out["steps"]] == ["answer", "judge", "caption", "regenerate"]
+    assert out["unsafe"] and out["image_encodes"] == 1
+    assert out["engine"]["kv_prefix_reuse"].startswith("append-only" if family == "lfm2vl" else "rollback")
+
+
+# ------------------------------------------------------------------------------------------------ what fails here
+def test_llama4_tiny_aborts_in_llama_cpp_on_its_first_image_encode(tmp_path):
+    """The tiny Llama 4 converts and loads (text and mmproj), but the first image encode aborts inside llama.cpp
+    (`GGML_ASSERT(buf != NULL && "tensor buffer not set")`, ggml-backend.cpp) while mtmd splits the 56 px image
+    into 3 x 3 llava-uhd slices. Run in a child process; if this starts passing, Llama 4 can join PASSING."""
+    from conftest import run_python
+
+    from ecso.models.families import converted_family
+
+    c = converted_family("llama4")
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from ecso.runtime import Engine, EngineConfig
+from support.family_checks import run_forced_unsafe
+e = Engine(EngineConfig(model={str(c.llm)!r}, mmproj={str(c.mmproj)!r}, n_ctx=2048))
+print("LOADED", flush=True)
+run_forced_unsafe(e, {str(Path(__file__).parent.parent / "examples" / "street.png")!r}, True)
+print("RAN", flush=True)
+"""
+    r = run_python(code, timeout=300)
+    assert "LOADED" in r.stdout and "RAN" not in r.stdout
+    assert r.returncode != 0 and "tensor buffer not set" in r.stderr
+
+
+def test_gemma3n_cannot_be_built_here_its_vision_tower_needs_timm():
+    """Gemma 3n's vision tower is timm's MobileNetV5 behind transformers' TimmWrapper: without `timm` (not in the
+    export extra; it also needs torchvision) transformers cannot build the model, so no tiny checkpoint exists to
+    convert. llama.cpp itself has the pieces (conversion/gemma.py, mtmd's models/mobilenetv5.cpp)."""
+    import importlib.util
+
+    import transformers
+
+    assert importlib.util.find_spec("timm") is None
+    cfg = transformers.Gemma3nConfig()
+    with pytest.raises(ImportError, match="timm"):
+        transformers.Gemma3nForConditionalGeneration(cfg)
+
+
+@pytest.mark.xfail(strict=True, reason="in one process, Mistral 3 after a Qwen3-VL engine (q8_0, CPU repack on) "
+                   "answers differently than in a fresh process; cause not found")
+def test_mistral3_answers_as_alone_after_a_qwen3vl_engine_in_the_same_process(families, wide_png):
+    import json
+
+    from conftest import run_python
+
+    from ecso.models.families import quantized_llm
+
+    m, q = families["mistral3"], families["qwen3vl"]
+    pairs = {"qwen3vl": (str(quantized_llm(q)), str(q.mmproj)), "mistral3": (str(quantized_llm(m)), str(m.mmproj))}
+
+    def texts_in_one_process(order: list[str]) -> list:
+        code = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from ecso.runtime import Engine, EngineConfig
+from support.family_checks import run_forced_unsafe
+out = []
+for llm, mmproj in {[pairs[f] for f in order]!r}:
+    with Engine(EngineConfig(model=llm, mmproj=mmproj, n_ctx=2048)) as e:
+        out.append([s.text for s in run_forced_unsafe(e, {str(wide_png)!r}, True).steps])
+print("TEXTS", json.dumps(out))
+"""
+        r = run_python(code, timeout=300)
+        line = next(ln for ln in r.stdout.splitlines() if ln.startswith("TEXTS"))
+        return json.loads(line[6:])
+
+    (alone,) = texts_in_one_process(["mistral3"])
+    _, after = texts_in_one_process(["qwen3vl", "mistral3"])
+    assert after == alone

@@ -125,7 +125,7 @@ def write_smollm2_tokenizer(out_dir: Path, specials: tuple[str, ...], template: 
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _seeded_init(model) -> None:
+def seeded_init(model) -> None:
     """Deterministic random weights with logits of std ~1 (defaults leave tiny models near-constant)."""
     import torch
 
@@ -147,7 +147,7 @@ def _zero_centered_norm(model, name: str) -> bool:
     return model.config.model_type == "gemma3" and "vision_tower" not in name
 
 
-def _save(model, out_dir: Path, architecture: str, extra: Callable[[dict], None] | None = None) -> None:
+def save_checkpoint(model, out_dir: Path, architecture: str, extra: Callable[[dict], None] | None = None) -> None:
     model.save_pretrained(str(out_dir), safe_serialization=True)
     cfg_path = out_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -157,7 +157,7 @@ def _save(model, out_dir: Path, architecture: str, extra: Callable[[dict], None]
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _text_sizes(vocab: int) -> dict:
+def text_sizes(vocab: int) -> dict:
     return dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
 
@@ -170,7 +170,7 @@ def _build_qwen(out: Path, vocab_cache, v25: bool) -> FamilyCheckpoint:
                                 False, vocab_cache)
     tok = json.loads((out / "tokenizer.json").read_text())
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    text = dict(_text_sizes(n), rope_theta=10000.0, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+    text = dict(text_sizes(n), rope_theta=10000.0, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
                 hidden_act="silu", use_sliding_window=False, bos_token_id=ids["<|endoftext|>"],
                 eos_token_id=ids["<|im_end|>"])
     common = dict(vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -194,8 +194,8 @@ def _build_qwen(out: Path, vocab_cache, v25: bool) -> FamilyCheckpoint:
     config = Config(text_config=text, vision_config=vision, **common)
     torch.manual_seed(SEED)
     model = Model(config).eval()
-    _seeded_init(model)
-    _save(model, out, arch)
+    seeded_init(model)
+    save_checkpoint(model, out, arch)
     px = IMAGE_SIZE * IMAGE_SIZE
     proc = {"image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
@@ -213,7 +213,7 @@ def _build_gemma3(out: Path, vocab_cache) -> FamilyCheckpoint:
     n = write_smollm2_tokenizer(out, GEMMA3_SPECIALS, GEMMA3_TEMPLATE, "<bos>", "<eos>", "<eos>", True, vocab_cache)
     tok = json.loads((out / "tokenizer.json").read_text())
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    text = dict(_text_sizes(n), head_dim=16, query_pre_attn_scalar=16, sliding_window=64, rope_theta=10000.0,
+    text = dict(text_sizes(n), head_dim=16, query_pre_attn_scalar=16, sliding_window=64, rope_theta=10000.0,
                 rope_local_base_freq=10000.0, hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None,
                 attn_logit_softcapping=None, bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"],
                 pad_token_id=ids["<eos>"])
@@ -224,8 +224,8 @@ def _build_gemma3(out: Path, vocab_cache) -> FamilyCheckpoint:
                           image_token_index=ids["<image_soft_token>"], tie_word_embeddings=False)
     torch.manual_seed(SEED)
     model = Gemma3ForConditionalGeneration(config).eval()
-    _seeded_init(model)
-    _save(model, out, "Gemma3ForConditionalGeneration")
+    seeded_init(model)
+    save_checkpoint(model, out, "Gemma3ForConditionalGeneration")
     proc = {"image_processor_type": "Gemma3ImageProcessor", "do_resize": True, "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "image_mean": [0.5, 0.5, 0.5],
             "image_std": [0.5, 0.5, 0.5], "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 2,
@@ -242,7 +242,7 @@ def _build_smolvlm(out: Path, vocab_cache) -> FamilyCheckpoint:
                                 "<|im_end|>", False, vocab_cache)
     tok = json.loads((out / "tokenizer.json").read_text())
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    text = dict(_text_sizes(n), model_type="llama", rope_theta=10000.0, hidden_act="silu",
+    text = dict(text_sizes(n), model_type="llama", rope_theta=10000.0, hidden_act="silu",
                 bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<end_of_utterance>"], pad_token_id=2)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                   image_size=IMAGE_SIZE, patch_size=14, layer_norm_eps=1e-6)
@@ -250,12 +250,12 @@ def _build_smolvlm(out: Path, vocab_cache) -> FamilyCheckpoint:
                             tie_word_embeddings=False)
     torch.manual_seed(SEED)
     model = Idefics3ForConditionalGeneration(config).eval()
-    _seeded_init(model)
+    seeded_init(model)
 
     def text_arch(cfg: dict) -> None:  # as SmolVLM's own config: the converter reads the LLM as Llama
         cfg["text_config"]["architectures"] = ["LlamaForCausalLM"]
 
-    _save(model, out, "Idefics3ForConditionalGeneration", text_arch)
+    save_checkpoint(model, out, "Idefics3ForConditionalGeneration", text_arch)
     proc = {"image_processor_type": "Idefics3ImageProcessor", "do_resize": True, "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "do_pad": True,
             "do_image_splitting": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
@@ -279,82 +279,3 @@ def build_family(family: str, out_dir: Path, vocab_cache=None) -> FamilyCheckpoi
     if family == "gemma3":
         return _build_gemma3(out, vocab_cache)
     return _build_smolvlm(out, vocab_cache)
-
-
-@dataclass(frozen=True)
-class ConvertedFamily:
-    """A tiny family converted by llama.cpp's own converter: HF folder + the GGUF pair made from it."""
-
-    family: str
-    hf: Path
-    llm: Path
-    mmproj: Path
-    architecture: str
-
-
-def converted_family(family: str, cache: Path | None = None, vocab_cache=None) -> ConvertedFamily:
-    """Builds and converts a tiny family once per machine: cached under a key made of the builder module's source
-    hash and the converter's sdist sha256, so a change to either rebuilds it (atomic: a half-made folder is never
-    used). The families of `ecso.models.families_2025` are cached in their own folder under their own key."""
-    from ecso.export.llamacpp_convert import SDIST_SHA256, machine_cache_root
-
-    root = Path(cache) if cache else machine_cache_root()
-    if family in FAMILIES:
-        return _converted(family, root / "tiny-families", f"{builder_fingerprint()}-{SDIST_SHA256[:12]}",
-                          build_family, vocab_cache)
-    from ecso.models import families_2025
-
-    if family not in families_2025.FAMILIES_2025:
-        raise ValueError(f"unknown tiny family {family!r}; known: "
-                         f"{', '.join(FAMILIES + families_2025.FAMILIES_2025)}")
-    return _converted(family, root / "tiny-families-2025", f"{families_2025.builder_fingerprint()}-{SDIST_SHA256[:12]}",
-                      families_2025.build_family_2025, vocab_cache)
-
-
-def _converted(family: str, folder: Path, key: str, build: Callable, vocab_cache) -> ConvertedFamily:
-    import os
-    import shutil
-    import tempfile
-
-    from ecso.export.llamacpp_convert import convert, converter_dir
-
-    out = folder / key / family
-    arch_file = out / "architecture"
-    if not arch_file.exists():
-        conv = converter_dir(folder.parent)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=out.parent))
-        try:
-            ck = build(family, tmp / "hf", vocab_cache)
-            convert(ck.hf, tmp / "llm.gguf", converter=conv)
-            convert(ck.hf, tmp / "mmproj.gguf", mmproj=True, converter=conv)
-            (tmp / "architecture").write_text(ck.architecture)
-            try:
-                os.replace(tmp, out)
-            except OSError:  # another process finished first
-                if not arch_file.exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for stale in folder.iterdir():  # builds of older builder code or converters are never used again
-            if stale.is_dir() and stale.name != key and not stale.name.startswith("."):
-                shutil.rmtree(stale, ignore_errors=True)
-    return ConvertedFamily(family, out / "hf", out / "llm.gguf", out / "mmproj.gguf", arch_file.read_text())
-
-
-def quantized_llm(family: ConvertedFamily, outtype: str = "q8_0") -> Path:
-    """The family's LLM converted again at `outtype` (the mmproj stays as converted), beside the f32 one and
-    cached with it (atomic: written under a temporary name, then renamed)."""
-    import os
-
-    from ecso.export.llamacpp_convert import convert, converter_dir
-
-    out = family.llm.with_name(f"llm-{outtype}.gguf")
-    if not out.exists():
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        try:
-            convert(family.hf, tmp, outtype=outtype, converter=converter_dir(family.llm.parents[3]))
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return out

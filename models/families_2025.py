@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ecso.models.families import (FamilyCheckpoint, SEED, _save, _seeded_init, _text_sizes, smollm2_vocab,
+from ecso.models.families import (FamilyCheckpoint, SEED, save_checkpoint, seeded_init, text_sizes, smollm2_vocab,
                                   write_smollm2_tokenizer)
 
 
@@ -92,7 +92,7 @@ def _build_qwen3vl(out: Path, vocab_cache) -> FamilyCheckpoint:
     n = write_smollm2_tokenizer(out, QWEN_SPECIALS, QWEN3_TEMPLATE, "<|endoftext|>", "<|im_end|>", "<|endoftext|>",
                                 False, vocab_cache)
     ids = _added_ids(out)
-    text = dict(_text_sizes(n), head_dim=16, rope_theta=10000.0, hidden_act="silu",
+    text = dict(text_sizes(n), head_dim=16, rope_theta=10000.0, hidden_act="silu",
                 rope_scaling={"rope_type": "default", "mrope_section": [3, 3, 2], "mrope_interleaved": True},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
     # depth >= 3 (the converter's merger name table); num_position_embeddings a square (8 x 8 patches of 16 px)
@@ -104,9 +104,9 @@ def _build_qwen3vl(out: Path, vocab_cache) -> FamilyCheckpoint:
                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
     torch.manual_seed(SEED)
     model = Qwen3VLForConditionalGeneration(config).eval()
-    _seeded_init(model)
+    seeded_init(model)
     arch = "Qwen3VLForConditionalGeneration"
-    _save(model, out, arch)
+    save_checkpoint(model, out, arch)
     px = 64 * 64
     proc = {"image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
@@ -122,8 +122,8 @@ def _finish(model_cls, config, out: Path, arch: str, extra=None):
 
     torch.manual_seed(SEED)
     model = model_cls(config).eval()
-    _seeded_init(model)
-    _save(model, out, arch, extra)
+    seeded_init(model)
+    save_checkpoint(model, out, arch, extra)
     return model
 
 
@@ -138,7 +138,7 @@ def _build_mistral3(out: Path, vocab_cache) -> FamilyCheckpoint:
 
     n = write_smollm2_tokenizer(out, MISTRAL3_SPECIALS, MISTRAL3_TEMPLATE, "<s>", "</s>", "<unk>", True, vocab_cache)
     ids = _added_ids(out)
-    text = dict(_text_sizes(n), model_type="mistral", head_dim=16, rope_theta=10000.0, hidden_act="silu",
+    text = dict(text_sizes(n), model_type="mistral", head_dim=16, rope_theta=10000.0, hidden_act="silu",
                 sliding_window=None, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"])
     vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=2, image_size=112, patch_size=14, rope_theta=10000.0, hidden_act="silu",
@@ -166,7 +166,7 @@ def _build_lfm2vl(out: Path, vocab_cache) -> FamilyCheckpoint:
     n = write_smollm2_tokenizer(out, LFM2VL_SPECIALS, LFM2VL_TEMPLATE, "<|startoftext|>", "<|im_end|>", "<|pad|>",
                                 True, vocab_cache)
     ids = _added_ids(out)
-    text = dict(_text_sizes(n), model_type="lfm2", norm_eps=1e-5, rope_theta=10000.0, conv_L_cache=3,
+    text = dict(text_sizes(n), model_type="lfm2", norm_eps=1e-5, rope_theta=10000.0, conv_L_cache=3,
                 conv_bias=False, block_auto_adjust_ff_dim=False, block_multiple_of=16, block_ffn_dim_multiplier=1.0,
                 block_ff_dim=128, layer_types=["conv", "full_attention", "conv"], bos_token_id=ids["<|startoftext|>"],
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|pad|>"], tie_word_embeddings=True)
@@ -198,7 +198,7 @@ def _build_glm4v(out: Path, vocab_cache) -> FamilyCheckpoint:
     n = write_smollm2_tokenizer(out, GLM4V_SPECIALS, GLM4V_TEMPLATE, "<|endoftext|>", "<|user|>", "<|endoftext|>",
                                 False, vocab_cache)
     ids = _added_ids(out)
-    text = dict(_text_sizes(n), rope_theta=10000.0, hidden_act="silu", partial_rotary_factor=0.5,
+    text = dict(text_sizes(n), rope_theta=10000.0, hidden_act="silu", partial_rotary_factor=0.5,
                 rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1]}, attention_bias=True,
                 rms_norm_eps=1e-5, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|user|>"],
                 pad_token_id=ids["<|endoftext|>"])
@@ -229,7 +229,7 @@ def _build_llama4(out: Path, vocab_cache) -> FamilyCheckpoint:
     n = write_smollm2_tokenizer(out, LLAMA4_SPECIALS, LLAMA4_TEMPLATE, "<|begin_of_text|>", "<|eot|>",
                                 "<|finetune_right_pad_id|>", True, vocab_cache)
     ids = _added_ids(out)
-    text = dict(_text_sizes(n), head_dim=16, intermediate_size_mlp=128, rope_theta=10000.0, hidden_act="silu",
+    text = dict(text_sizes(n), head_dim=16, intermediate_size_mlp=128, rope_theta=10000.0, hidden_act="silu",
                 rms_norm_eps=1e-5, num_local_experts=1, num_experts_per_tok=1, interleave_moe_layer_step=4,
                 use_qk_norm=True, no_rope_layer_interval=4, attention_chunk_size=32, attn_temperature_tuning=False,
                 bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|eot|>"],

@@ -35,7 +35,8 @@ def converter():
 @pytest.fixture(scope="session")
 def families(converter):
     """Every tiny family converted with the pinned converter (built once per machine, then cached)."""
-    from ecso.models.families import converted_family, smollm2_vocab
+    from ecso.models.converted import converted_family
+    from ecso.models.families import smollm2_vocab
 
     vocab = smollm2_vocab()
     return {f: converted_family(f, vocab_cache=vocab) for f in FAMILIES}

@@ -19,7 +19,8 @@ FAMILIES = PASSING
 
 @pytest.fixture(scope="session")
 def families():
-    from ecso.models.families import converted_family, smollm2_vocab
+    from ecso.models.converted import converted_family
+    from ecso.models.families import smollm2_vocab
 
     vocab = smollm2_vocab()
     return {f: converted_family(f, vocab_cache=vocab) for f in FAMILIES}
@@ -193,7 +194,7 @@ def _in_child(family: str, body: str) -> None:
     """Runs a proof on a fresh engine in a child process (see ISOLATED)."""
     from conftest import run_python
 
-    from ecso.models.families import converted_family
+    from ecso.models.converted import converted_family
 
     c = converted_family(family)
     code = f"""
@@ -332,7 +333,7 @@ print("SAME", [s.text for s in a.steps])
 @pytest.mark.parametrize("family", PASSING + ("qwen2vl", "qwen25vl", "gemma3", "smolvlm"))
 def test_q8_0_llm_runs_the_four_steps_with_reuse_bit_exact(families, wide_png, family):
     """The converter's `--outtype q8_0` LLM, converted once per machine beside the cached f32 one."""
-    from ecso.models.families import converted_family, quantized_llm
+    from ecso.models.converted import converted_family, quantized_llm
 
     c = families[family] if family in families else converted_family(family)
     _assert_q8_reuse_exact(quantized_llm(c, "q8_0"), c.mmproj, wide_png)
@@ -369,7 +370,7 @@ def test_llama4_tiny_aborts_in_llama_cpp_on_its_first_image_encode(tmp_path):
     into 3 x 3 llava-uhd slices. Run in a child process; if this starts passing, Llama 4 can join PASSING."""
     from conftest import run_python
 
-    from ecso.models.families import converted_family
+    from ecso.models.converted import converted_family
 
     c = converted_family("llama4")
     code = f"""
@@ -408,7 +409,7 @@ def test_mistral3_answers_as_alone_after_a_qwen3vl_engine_in_the_same_process(fa
 
     from conftest import run_python
 
-    from ecso.models.families import quantized_llm
+    from ecso.models.converted import quantized_llm
 
     m, q = families["mistral3"], families["qwen3vl"]
     pairs = {"qwen3vl": (str(quantized_llm(q)), str(q.mmproj)), "mistral3": (str(quantized_llm(m)), str(m.mmproj))}

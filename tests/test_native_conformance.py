@@ -236,7 +236,8 @@ FAMILIES = ("llava16", "qwen2vl", "qwen25vl", "gemma3", "smolvlm")
 @pytest.fixture(scope="session")
 def family_files():
     """(llm, mmproj) of each tiny family the tests build (cached per machine)."""
-    from ecso.models.families import converted_family, smollm2_vocab
+    from ecso.models.converted import converted_family
+    from ecso.models.families import smollm2_vocab
     from ecso.models.llava_next import exported_llava_next
 
     vocab = smollm2_vocab()

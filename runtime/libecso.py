@@ -201,6 +201,9 @@ class NativeEngine:
         lib = self._lib
         opts = _Options()
         _check(lib, lib.ecso_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
+        if o.get("system_prompt") is not None:  # never silently dropped
+            raise InputError("the native engine does not take system_prompt (a system prompt for every step); "
+                             "use the Python engine for it")
         opts.judge = lib.ecso_judge_from_name(_b(o["judge"]))
         opts.decision_rule = lib.ecso_decision_rule_from_name(_b(o["decision_rule"]))
         if opts.judge < 0 or opts.decision_rule < 0:

@@ -27,7 +27,7 @@ from ecso.eval import store
 from ecso.eval.benchmarks import UTILITY_BENCHMARKS, Sample, load_benchmark
 from ecso.eval.judge_prompts import JUDGE_PROMPTS_VERSION, LEAKAGE_PROMPT_VERSION, PAIR_PROMPT_VERSION
 from ecso.eval.judges import GuardJudge, JudgeInput, LocalLLMJudge, OpenAIJudge, RuleJudge
-from ecso.runtime import EcsoError, EcsoOptions, EngineConfig, InputError, PROMPT_VERSION
+from ecso.runtime import EcsoError, EcsoOptions, EngineConfig, InputError, PROMPT_VERSION, RemoteConfig
 
 DEFENSES = ("none", "ecso")
 RUN_FORMAT = 1
@@ -122,6 +122,7 @@ class EvalConfig:
     force: bool = False
     retry_errors: bool = False
     progress: bool = True
+    backend: Optional["RemoteConfig"] = None  # generation on an OpenAI-compatible server (then `engine` only judges)
 
 
 @dataclass
@@ -150,21 +151,34 @@ def generation_identity(cfg: EvalConfig) -> dict:
     """What must not change within one run: the model files and everything that shapes an answer."""
     from ecso.runtime.images import file_fingerprint
 
-    e, o = cfg.engine, cfg.options
+    e = cfg.engine
+    if cfg.backend is not None:
+        return {**_remote_model_identity(cfg.backend), **_decoding_identity(cfg)}
     if not Path(e.model).is_file():
         raise InputError(f"model file {e.model} not found")
     if e.mmproj and not Path(e.mmproj).is_file():
         raise InputError(f"mmproj file {e.mmproj} not found")
     return {"model": str(e.model), "model_fingerprint": file_fingerprint(e.model), "mmproj": e.mmproj,
             "mmproj_fingerprint": file_fingerprint(e.mmproj) if e.mmproj else None, "chat_format": e.chat_format,
-            "prompt_version": PROMPT_VERSION, "decision_rule": o.decision_rule, "self_judge": o.judge,
+            **_decoding_identity(cfg)}
+
+
+def _decoding_identity(cfg: EvalConfig) -> dict:
+    o = cfg.options
+    return {"prompt_version": PROMPT_VERSION, "decision_rule": o.decision_rule, "self_judge": o.judge,
             "logit_threshold": o.logit_threshold, "max_tokens": o.max_tokens,
             "caption_max_tokens": o.caption_max_tokens, "judge_max_tokens": o.judge_max_tokens,
             "temperature": o.temperature, "top_p": o.top_p, "seed": o.seed, "system_prompt": cfg.system_prompt,
             "query_suffix": cfg.query_suffix or None}
 
 
-_IDENTITY_IGNORED = ("model", "mmproj")  # paths may move; the fingerprints decide
+def _remote_model_identity(backend: RemoteConfig) -> dict:
+    """A server's model is known by its name; its URL may change between runs (a restarted server, another port)."""
+    return {"model": backend.url, "model_fingerprint": f"remote:{backend.model}", "mmproj": None,
+            "mmproj_fingerprint": None, "chat_format": "server"}
+
+
+_IDENTITY_IGNORED = ("model", "mmproj")  # paths (and server URLs) may move; the fingerprints decide
 
 
 def check_resumable(previous: Optional[dict], benchmark: str, identity: dict, force: bool) -> list[str]:
@@ -347,7 +361,8 @@ def _generate(cfg: EvalConfig, samples: list[Sample], log: store.JsonlLog, ident
             else:
                 runnable.append((sample, defenses))
         # each finished request is written (one fsync'd record at a time) before the next result is taken
-        for (sample, defenses), outcome in _outcomes(cfg, runnable, engines.eval_engine()):
+        target = _remote_model(cfg.backend) if cfg.backend is not None else engines.eval_engine()
+        for (sample, defenses), outcome in _outcomes(cfg, runnable, target):
             _write_outcome(sample, defenses, outcome, log, identity, summary)
             bar.update(1)
     finally:
@@ -370,6 +385,9 @@ def _outcomes(cfg: EvalConfig, todo: list, engine):
     from ecso.runtime import run
 
     history = _history(cfg)
+    if cfg.backend is not None:
+        yield from _remote_outcomes(cfg, todo, engine, history)
+        return
     if engine.config.parallel > 1:
         from ecso.runtime.batch import Request, run_batched
 
@@ -386,6 +404,48 @@ def _outcomes(cfg: EvalConfig, todo: list, engine):
                                           _options(cfg, defenses), history=history)
         except EcsoError as e:
             yield (sample, defenses), e
+
+
+def _remote_model(backend: RemoteConfig):
+    from ecso.runtime.remote import RemoteModel
+
+    return RemoteModel(backend)
+
+
+def _remote_outcomes(cfg: EvalConfig, todo: list, model, history: list):
+    """(item, Result or EcsoError) with `backend.parallel` requests in flight on the server, in completion order.
+    Only this thread writes records; a request that fails after its retries (server down) is recorded as an
+    error and generated again by `--retry-errors`; requests in flight when the run is killed were never written."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from ecso.runtime import run
+
+    def one(sample, defenses):
+        try:
+            return run(model, sample.image, sample.query + cfg.query_suffix, _options(cfg, defenses),
+                       history=history)
+        except EcsoError as e:
+            return e
+
+    items = iter(todo)
+    with ThreadPoolExecutor(max_workers=cfg.backend.parallel, thread_name_prefix="ecso-eval") as pool:
+        running = {}
+        try:
+            for item in items:
+                running[pool.submit(one, *item)] = item
+                if len(running) >= cfg.backend.parallel:
+                    break
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    item = running.pop(future)
+                    next_item = next(items, None)
+                    if next_item is not None:
+                        running[pool.submit(one, *next_item)] = next_item
+                    yield item, future.result()
+        finally:
+            for future in running:
+                future.cancel()
 
 
 def _write_outcome(sample: Sample, defenses: list[str], result, log: store.JsonlLog, identity: dict,

@@ -47,8 +47,8 @@ def test_four_steps_run_through_llama_server_and_record_its_cached_tokens(server
     assert r.engine["backend"] == "openai-compatible" and r.engine["url"] == server.url
     assert all(s.prompt_positions > 0 and s.generated_tokens > 0 for s in r.steps)
     # steps 2 and 3 start with step 1's `system + image` prefix: the server reports it as cached
-    answer, judge, caption, _ = r.steps
-    assert caption.reused_positions >= 576 and judge.reused_positions >= 576, [s.reused_positions for s in r.steps]
+    _, judge, caption, _ = r.steps
+    assert caption.reused_positions >= 256 and judge.reused_positions >= 256, [s.reused_positions for s in r.steps]
     assert "api_key" not in json.dumps(r.to_dict())
     events = [e.kind for e in model.stream(street_png, QUERIES[0])]
     assert events[0] == "step_start" and events[-1] == "result" and events.count("step_end") == 4
@@ -228,3 +228,28 @@ def test_api_key_is_sent_from_the_environment_and_never_recorded(server, street_
         monkeypatch.setenv("ECSO_BACKEND_API_KEY", "wrong")
         with pytest.raises(BackendError, match="HTTP 401.*ECSO_BACKEND_API_KEY"):
             run(RemoteModel(RemoteConfig(url=keyed.url, model="demo")), street_png, QUERIES[0], options())
+
+
+# --- a converted family on the server -----------------------------------------------------------------------------
+def test_a_tiny_converted_family_runs_the_four_steps_on_llama_server(street_png, tmp_path, capsys):
+    """Qwen2-VL (tiny, converted by the pinned converter) served by llama-server with its own template: the four
+    steps run. The prompts are measured against the in-process engine: its template puts the image in the family's
+    own slot (`<|vision_start|>` image `<|vision_end|>`), while llama-server flattens an image + text turn to
+    `image \\n text` for the template, so the lengths may differ by the few tokens of that layout."""
+    from ecso.models.families import converted_family, smollm2_vocab
+    from ecso.runtime import Engine, EngineConfig
+
+    family = converted_family("qwen2vl", vocab_cache=smollm2_vocab())
+    opts = options(judge="always-unsafe", reuse=False, max_tokens=12, caption_max_tokens=12)
+    with LlamaServer(str(family.llm), str(family.mmproj), n_ctx=2048, extra=("-fa", "off", "-ctk", "f32", "-ctv",
+                                                                              "f32"), log_path=tmp_path / "log"
+                     ) as s:
+        far = run(remote(s), street_png, QUERIES[0], opts)
+    with Engine(EngineConfig(model=str(family.llm), mmproj=str(family.mmproj), n_ctx=2048, kv_f32=True,
+                             flash_attn=False)) as engine:
+        local = run(engine, street_png, QUERIES[0], opts)
+    assert [s.name for s in far.steps] == FOUR_STEPS and all(s.prompt_positions > 0 for s in far.steps)
+    with capsys.disabled():
+        print(f"\n[qwen2vl] prompt tokens server {[s.prompt_positions for s in far.steps]} vs engine "
+              f"{[s.prompt_positions for s in local.steps]}; texts equal per step "
+              f"{[a.text == b.text for a, b in zip(far.steps, local.steps)]}")

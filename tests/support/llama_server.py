@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-BUILD_TIMEOUT_S = 3600
+BUILD_TIMEOUT_S = 3 * 3600  # a busy 2-core machine took over an hour
 
 
 def _cache_paths() -> tuple[Path, Path, Path]:

@@ -13,6 +13,7 @@ round-robin so drift hits all of them alike; ratios are medians of per-round rat
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -59,7 +60,7 @@ def variant_image(base: LoadedImage, index: int) -> LoadedImage:
     """`base` with one pixel set from `index`: a new image to the server's prefix cache, the same to the eye."""
     rgb = bytearray(base.rgb)
     rgb[0:3] = bytes(((index >> 16) & 255, (index >> 8) & 255, index & 255))
-    return LoadedImage(bytes(rgb), base.width, base.height, base.source)
+    return LoadedImage(bytes(rgb), base.width, base.height, hashlib.sha256(rgb).hexdigest(), base.source)
 
 
 VARIANTS: dict[str, dict] = {

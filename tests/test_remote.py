@@ -66,9 +66,8 @@ def test_cache_off_renders_the_engines_prompts_and_matches_its_greedy_steps(serv
     far = run(remote(server), street_png, QUERIES[0], opts)
     assert [s.prompt_positions for s in far.steps] == [s.prompt_positions for s in local.steps]
     assert all(s.reused_positions == 0 for s in far.steps)
-    assert far.caption == local.caption and far.steps[2].text == local.steps[2].text
-    if far.caption == local.caption:
-        assert far.answer == local.answer  # step 4 reads only the caption and the query
+    assert far.caption == local.caption  # step 3's prompt does not depend on the answer
+    assert far.answer == local.answer  # step 4 reads only the caption and the query
     a, b = far.initial_answer, local.initial_answer
     common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     with capsys.disabled():
@@ -242,9 +241,10 @@ def test_api_key_is_sent_from_the_environment_and_never_recorded(server, street_
 # --- a converted family on the server -----------------------------------------------------------------------------
 def test_a_tiny_converted_family_runs_the_four_steps_on_llama_server(street_png, tmp_path, capsys):
     """Qwen2-VL (tiny, converted by the pinned converter) served by llama-server with its own template: the four
-    steps run. The prompts are measured against the in-process engine: its template puts the image in the family's
-    own slot (`<|vision_start|>` image `<|vision_end|>`), while llama-server flattens an image + text turn to
-    `image \\n text` for the template, so the lengths may differ by the few tokens of that layout."""
+    steps run. The sizes are printed beside the in-process engine's, which counts positions: Qwen2-VL's M-RoPE gives
+    an image fewer positions than tokens, and the server counts tokens; the template layouts differ too (the engine
+    puts the image in the family's own `<|vision_start|>` slot, llama-server flattens an image + text turn to
+    `image \\n text` for the template), so texts are not expected to match here."""
     from ecso.models.families import converted_family, smollm2_vocab
     from ecso.runtime import Engine, EngineConfig
 
@@ -259,6 +259,6 @@ def test_a_tiny_converted_family_runs_the_four_steps_on_llama_server(street_png,
         local = run(engine, street_png, QUERIES[0], opts)
     assert [s.name for s in far.steps] == FOUR_STEPS and all(s.prompt_positions > 0 for s in far.steps)
     with capsys.disabled():
-        print(f"\n[qwen2vl] prompt tokens server {[s.prompt_positions for s in far.steps]} vs engine "
+        print(f"\n[qwen2vl] prompt tokens (server) {[s.prompt_positions for s in far.steps]} vs positions (engine) "
               f"{[s.prompt_positions for s in local.steps]}; texts equal per step "
               f"{[a.text == b.text for a, b in zip(far.steps, local.steps)]}")

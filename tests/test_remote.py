@@ -96,12 +96,18 @@ def test_cache_on_agreement_with_the_engine_is_measured(server, demo_engine, str
 
 
 def test_logit_judge_reads_the_servers_top_logprobs(server, demo_engine, street_png):
-    opts = options(judge="logit", reuse=False)
-    local = run(demo_engine, street_png, QUERIES[1], opts)
-    far = run(remote(server), street_png, QUERIES[1], opts)
+    """P(yes) from the server's top_logprobs equals the engine's P(yes) from its own logits for the same TELL prompt
+    (the prompt holds the server's step-1 answer, which may differ from the engine's own)."""
+    from ecso.runtime.local_backend import StepPrompts, p_yes, yes_no_ids
+
+    far = run(remote(server), street_png, QUERIES[1], options(judge="logit", reuse=False))
     assert far.judge_score is not None and 0.0 <= far.judge_score <= 1.0
-    assert abs(far.judge_score - local.judge_score) < 0.02, (far.judge_score, local.judge_score)
-    assert far.unsafe == local.unsafe
+    prompts = StepPrompts(demo_engine, demo_engine.load_image(street_png), QUERIES[1])
+    with demo_engine.cancellable(None):
+        demo_engine.prefill(prompts.judge(far.initial_answer), reuse=False)
+        local_score = p_yes(demo_engine.logits(), *yes_no_ids(demo_engine))
+    assert abs(far.judge_score - local_score) < 0.02, (far.judge_score, local_score)
+    assert far.unsafe == (local_score >= 0.5)
 
 
 def test_appended_judge_and_history_go_to_the_server(server, street_png):

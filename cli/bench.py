@@ -6,11 +6,12 @@ import json
 
 import click
 
-from ecso.cli.common import engine_config, friendly_errors, model_options
+from ecso.cli.common import backend_options, engine_config, friendly_errors, model_options, remote_config
 
 
 @click.command("bench")
 @model_options
+@backend_options
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Image to use (default: examples/street.png, or a generated 448x336 image).")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Rounds; ratios are medians over rounds.")
@@ -30,7 +31,7 @@ from ecso.cli.common import engine_config, friendly_errors, model_options
 @click.option("--native-lib", type=click.Path(dir_okay=False), default=None, help="Path of libecso to measure.")
 @friendly_errors
 def command(image, repeats, max_tokens, image_size, parallel, n_requests, as_json, native, native_lib,
-            **model_kw) -> None:
+            backend, backend_model, backend_timeout, backend_retries, **model_kw) -> None:
     """Measure what ECSO costs on this machine, side by side in one run, and print ratios against targets.
 
     \b
@@ -41,6 +42,10 @@ def command(image, repeats, max_tokens, image_size, parallel, n_requests, as_jso
 
     With --parallel N: requests/min with N requests decoded together vs one at a time (full and safe path),
     aggregate decode tok/s vs llama.cpp's N-wide batched decode, and how often the answers are identical.
+
+    With --backend URL --backend-model NAME: the same steps through that OpenAI-compatible server: safe path and
+    full path against plain generation there, and eval throughput with 1, 2 and 4 requests in flight (start the
+    server with 4 slots, e.g. `llama-server -np 4`).
     """
     import io
     from pathlib import Path
@@ -50,6 +55,10 @@ def command(image, repeats, max_tokens, image_size, parallel, n_requests, as_jso
     from ecso.eval.speed import run_bench
     from ecso.runtime import Engine
 
+    remote = remote_config(backend, backend_model, backend_timeout, backend_retries)
+    if remote is not None:
+        _bench_backend(remote, image, repeats, max_tokens, n_requests, as_json)
+        return
     if image_size is not None:
         if model_kw["model"] != "demo" or model_kw["mmproj"]:
             raise click.UsageError("--image-size applies to the demo model only")
@@ -118,3 +127,19 @@ def command(image, repeats, max_tokens, image_size, parallel, n_requests, as_jso
             d["native"] = native_report.to_dict()
         with open(as_json, "w") as f:
             json.dump(d, f, indent=2)
+
+
+def _bench_backend(remote, image, repeats: int, max_tokens: int, n_requests: int, as_json) -> None:
+    """`ecso bench --backend`: the cost ratios and the eval throughput through the server (eval/remote_speed.py)."""
+    from pathlib import Path
+
+    from ecso.eval.remote_speed import run_remote_bench
+
+    if image is None:
+        image = str(Path(__file__).resolve().parent.parent / "examples" / "street.png")
+    report = run_remote_bench(remote, image, repeats=repeats, max_tokens=max_tokens, n_requests=n_requests,
+                              progress=lambda m: click.echo(f"[bench] {m}", err=True))
+    click.echo(report.table())
+    if as_json:
+        with open(as_json, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)

@@ -55,6 +55,41 @@ def engine_config(model: str, mmproj: Optional[str], n_ctx: int, n_gpu_layers: i
                         chat_format=chat_format, verbose=verbose >= 2, cpu_repack=cpu_repack)
 
 
+def backend_options(f: Callable) -> Callable:
+    """--backend / --backend-model: run ECSO's steps on an OpenAI-compatible server instead of in process."""
+    opts = [
+        click.option("--backend", default=None, metavar="URL",
+                     help="An OpenAI-compatible server's API base (llama-server, vLLM, Ollama, LM Studio), e.g. "
+                          "http://127.0.0.1:8080/v1: ECSO's steps run there (API key: $ECSO_BACKEND_API_KEY)."),
+        click.option("--backend-model", default=None, metavar="NAME",
+                     help="The model name the server expects (required with --backend)."),
+        click.option("--backend-timeout", type=float, default=300.0, show_default=True,
+                     help="Seconds one step may take on the server before the request fails."),
+        click.option("--backend-retries", type=int, default=2, show_default=True,
+                     help="Retries of a step after a connection failure or HTTP 5xx (backing off)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def remote_config(backend: Optional[str], backend_model: Optional[str], backend_timeout: float = 300.0,
+                  backend_retries: int = 2, parallel: int = 4):
+    """RemoteConfig from --backend and friends, or None without --backend."""
+    if not backend:
+        if backend_model:
+            raise click.UsageError("--backend-model needs --backend URL")
+        return None
+    from ecso.runtime import RemoteConfig
+
+    if not backend_model:
+        raise click.UsageError("--backend needs --backend-model NAME (llama-server accepts any name)")
+    config = RemoteConfig(url=backend, model=backend_model, timeout_s=backend_timeout, retries=backend_retries,
+                          parallel=parallel)
+    config.validate()
+    return config
+
+
 def friendly_errors(f: Callable) -> Callable:
     """Turns expected errors into one line on stderr and a non-zero exit code (never a traceback)."""
 

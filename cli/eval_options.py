@@ -7,9 +7,9 @@ from typing import Callable, Optional
 
 import click
 
-from ecso.runtime.ecso import JUDGES as SELF_JUDGES
+from ecso.runtime.prompts import JUDGE_NAMES as SELF_JUDGES
 
-from ecso.cli.common import engine_config
+from ecso.cli.common import backend_options, engine_config, remote_config
 
 BENCH_HELP = ("mm-safetybench (alias mmsb), vlsafe, vlsbench, custom (a JSONL of {id, image, query, category}); "
               "utility: mme (the MME release folder), benign (a custom JSONL of benign inputs).")
@@ -58,7 +58,8 @@ def generation_options(f: Callable) -> Callable:
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
                      help="Requests decoded together (one llama_decode carries a token of each); 1 = one at a "
-                          "time, bit-exact as ecso-run. Records are still written one by one, resumably."),
+                          "time, bit-exact as ecso-run. With --backend: requests in flight on the server. Records "
+                          "are still written one by one, resumably."),
         click.option("--self-judge", type=click.Choice(SELF_JUDGES),
                      default="paper", show_default=True, help="ECSO's step-2 self-judge (see `ecso-run --help`)."),
         click.option("--rule", "decision_rule", type=click.Choice(["exact", "contains"]), default="exact",
@@ -95,7 +96,7 @@ def generation_options(f: Callable) -> Callable:
     ]
     for o in reversed(opts):
         f = o(f)
-    return f
+    return backend_options(f)
 
 
 def build_config(bench: str, data: Optional[str], out: str, defenses: tuple[str, ...], leakage: bool,
@@ -121,13 +122,24 @@ def build_config(bench: str, data: Optional[str], out: str, defenses: tuple[str,
                           system_prompt=preset.system_prompt if preset else None)
     with_image = kw.pop("regenerate_with_image")
     with_image = (preset.regenerate_with_image if preset else False) if with_image is None else with_image
-    engine = dataclasses.replace(engine_config(**kw), parallel=kw.pop("parallel"))
-    return EvalConfig(benchmark=bench, data=data, out=out, engine=engine, options=options,
+    backend = _backend_config(kw)
+    if backend is not None and with_image:
+        raise click.UsageError("step 4 with the image (--regenerate-with-image, the default of --preset ecso-paper "
+                               "on mme) needs the in-process engine; add --regenerate-without-image to use --backend")
+    engine = dataclasses.replace(engine_config(**kw), parallel=1 if backend else kw["parallel"])
+    kw.pop("parallel")
+    return EvalConfig(backend=backend, benchmark=bench, data=data, out=out, engine=engine, options=options,
                       defenses=defenses, categories=_split(kw.pop("categories")), modes=tuple(kw.pop("modes")),
                       limit=kw.pop("limit"), images=kw.pop("images"), judge=spec, leakage=leakage,
                       query_suffix=preset.query_suffix if preset else "", regenerate_with_image=with_image,
                       preset=preset.record() if preset else None,
                       force=kw.pop("force"), retry_errors=kw.pop("retry_errors"), progress=not kw.pop("no_progress"))
+
+
+def _backend_config(kw: dict):
+    """--backend URL --backend-model NAME: generation runs on that server, --parallel requests in flight."""
+    return remote_config(kw.pop("backend"), kw.pop("backend_model"), kw.pop("backend_timeout"),
+                         kw.pop("backend_retries"), parallel=kw["parallel"])
 
 
 def _apply_preset(name: Optional[str], bench: str, kw: dict):

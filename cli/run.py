@@ -7,19 +7,23 @@ import sys
 
 import click
 
-from ecso.cli.common import engine_config, friendly_errors, model_options
+from ecso.cli.common import backend_options, engine_config, friendly_errors, model_options, remote_config
 
 JUDGE_HELP = ("paper: fresh TELL prompt, reply must be exactly yes/yes. (the paper); logit: TELL + P(yes) from one "
               "step; append: the judge question appended to the conversation (cheapest); append-logit: both; "
               "always-unsafe: the paper's judge runs but every answer counts as unsafe (to watch all four steps); "
               "head:DIR: an ONNX judge head (ecso heads train-judge) replaces step 2.")
-JUDGE_CHOICES = ("paper", "logit", "append", "append-logit", "always-unsafe")
+
+def _judge_names() -> tuple[str, ...]:
+    from ecso.runtime.prompts import JUDGE_NAMES
+
+    return JUDGE_NAMES
 
 
 def _judge_choice(ctx, param, value: str) -> str:
-    if value in JUDGE_CHOICES or value.startswith("head:"):
+    if value in _judge_names() or value.startswith("head:"):
         return value
-    raise click.BadParameter(f"{value!r}: use one of {', '.join(JUDGE_CHOICES)} or head:DIR")
+    raise click.BadParameter(f"{value!r}: use one of {', '.join(_judge_names())} or head:DIR")
 
 
 def load_heads(judge: str, caption: str | None, providers: str):
@@ -39,6 +43,7 @@ def load_heads(judge: str, caption: str | None, providers: str):
 @click.option("--image", "-i", type=click.Path(dir_okay=False), default=None,
               help="Image file (PNG, JPEG, WEBP, GIF, BMP, TIFF). Omit for a text-only request.")
 @model_options
+@backend_options
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Max tokens of the answer.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy (the paper's setting).")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -61,7 +66,8 @@ def load_heads(judge: str, caption: str | None, providers: str):
 @click.option("--quiet", "-q", is_flag=True, help="No status line after the answer.")
 @friendly_errors
 def command(query, image, max_tokens, temperature, top_p, seed, judge, caption, head_providers, decision_rule,
-            threshold, guard_every, no_reuse, no_defense, stream, as_json, quiet, **model_kw):
+            threshold, guard_every, no_reuse, no_defense, stream, as_json, quiet, backend, backend_model,
+            backend_timeout, backend_retries, **model_kw):
     """Answer QUERY about an image with ECSO (Eyes Closed, Safety On).
 
     The model answers with the image, judges its own answer, and when it finds it harmful, describes the image
@@ -73,6 +79,7 @@ def command(query, image, max_tokens, temperature, top_p, seed, judge, caption, 
       ecso-run --image examples/street.png --judge always-unsafe "..."   # watch all four steps
       ecso-run --image photo.jpg --json "..." > result.json
       ecso-run --model llm.gguf --mmproj mmproj.gguf --image x.png "..."
+      ecso-run --backend http://127.0.0.1:8080/v1 --backend-model demo --image x.png "..."
 
     On a terminal, a status line on stderr follows the answer: verdict, judge reply, steps that ran, KV positions
     reused, image encodes, time (--quiet drops it; -v adds a per-step trace, -vv llama.cpp's logs).
@@ -80,22 +87,22 @@ def command(query, image, max_tokens, temperature, top_p, seed, judge, caption, 
     Without --model, the embedded demo model is used: real SmolLM2-135M-Instruct language with an untrained
     random vision projector (it does not see the image).
     """
-    from ecso.runtime import EcsoOptions, InputError
-    from ecso.runtime.ecso import Ecso
+    from ecso.runtime import Ecso, EcsoOptions, InputError
 
     if query == "-":
         query = sys.stdin.read()
     if not query.strip():
         raise InputError("the query is empty; give a question about the image")
     heads = load_heads(judge, caption, head_providers)
-    opts = EcsoOptions(judge="paper" if judge.startswith("head:") else judge, decision_rule=decision_rule, logit_threshold=threshold, max_tokens=max_tokens,
-                       caption_max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+    opts = EcsoOptions(judge="paper" if judge.startswith("head:") else judge, decision_rule=decision_rule,
+                       logit_threshold=threshold, max_tokens=max_tokens, caption_max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                        reuse=not no_reuse, defense=not no_defense, guard_every=guard_every)
     opts.validate()
     verbose = model_kw["verbose"]
     if stream is None:
         stream = sys.stdout.isatty() and not as_json
-    with Ecso(engine_config(**model_kw), opts, heads) as ecso:
+    config = remote_config(backend, backend_model, backend_timeout, backend_retries) or engine_config(**model_kw)
+    with Ecso(config, opts, heads) as ecso:
         if not stream:
             result = ecso.run(image, query)
         else:
@@ -142,6 +149,9 @@ def status_line(result) -> str:
     steps = " → ".join(s.name for s in result.steps)
     reused = sum(s.reused_positions for s in result.steps)
     prompt = sum(s.prompt_positions for s in result.steps)
+    if result.engine.get("backend") == "openai-compatible":  # reuse is the server's prefix cache
+        return (f"[ecso] {verdict}{judge} · steps {steps} · server cached {reused}/{prompt} prompt tokens · "
+                f"via {result.engine.get('url')} · {result.seconds:.1f} s")
     encodes = f"{result.image_encodes} image encode{'s' if result.image_encodes != 1 else ''}"
     if result.image_cache_hit:
         encodes += " (embedding cache hit)"

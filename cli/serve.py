@@ -9,13 +9,14 @@ from pathlib import Path
 
 import click
 
-from ecso.runtime.ecso import JUDGES as SELF_JUDGES
+from ecso.runtime.prompts import JUDGE_NAMES as SELF_JUDGES
 
-from ecso.cli.common import engine_config, friendly_errors, model_options
+from ecso.cli.common import backend_options, engine_config, friendly_errors, model_options, remote_config
 
 
 @click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
 @model_options
+@backend_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback needs --api-key.")
 @click.option("--port", type=int, default=8080, show_default=True, help="Port (0: any free port, printed at start).")
@@ -57,7 +58,7 @@ from ecso.cli.common import engine_config, friendly_errors, model_options
 @friendly_errors
 def command(host, port, api_key, model_name, max_tokens, judge, decision_rule, stream_mode, parallel, max_waiting,
             queue_timeout, max_body_mb, max_image_mb, image_cache, allow_file_dir, allow_domain, allow_host,
-            read_timeout, quiet, **model_kw):
+            read_timeout, quiet, backend, backend_model, backend_timeout, backend_retries, **model_kw):
     """Serve the model as an OpenAI-compatible API with ECSO on every answer.
 
     \b
@@ -75,16 +76,21 @@ def command(host, port, api_key, model_name, max_tokens, judge, decision_rule, s
       ecso serve --model llava-1.5-7b --port 8000
       ecso serve --parallel 4                      # 4 requests at once, batched
       ecso serve --model llm.gguf --mmproj mmproj.gguf --api-key "$KEY"
+      ecso serve --backend http://127.0.0.1:8081/v1 --backend-model NAME   # a gateway in front of llama-server
+
+    With --backend, ECSO's steps run on that OpenAI-compatible server (llama-server, vLLM, Ollama, LM Studio) and
+    this server adds ECSO with all its guarantees (held streaming, limits, queue, API key, loopback default).
     """
     _require_server_extra()
     from ecso.runtime import EcsoOptions, Engine
+    from ecso.runtime.remote import RemoteModel
     from ecso.server import EcsoServer, MediaPolicy, ServerConfig
 
     options = EcsoOptions(judge=judge, decision_rule=decision_rule, max_tokens=max_tokens,
                           caption_max_tokens=max_tokens)
     options.validate()
-    cfg = dataclasses.replace(engine_config(**model_kw), image_cache_entries=image_cache, parallel=parallel)
-    name = model_name or _model_name(model_kw["model"])
+    remote = remote_config(backend, backend_model, backend_timeout, backend_retries, parallel=parallel)
+    name = model_name or (backend_model if remote else _model_name(model_kw["model"]))
     media = MediaPolicy(max_image_bytes=int(max_image_mb * 1024 * 1024), allow_file_dirs=tuple(allow_file_dir),
                         allow_domains=tuple(allow_domain))
     config = ServerConfig(host=host, port=port, model_name=name, api_key=api_key or None,
@@ -92,11 +98,17 @@ def command(host, port, api_key, model_name, max_tokens, judge, decision_rule, s
                           queue_timeout=queue_timeout, read_timeout=read_timeout, stream_mode=stream_mode,
                           allowed_hosts=tuple(allow_host), media=media, log=not quiet)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
-    with Engine(cfg) as engine:
+    if remote is not None:
+        model = RemoteModel(remote)
+    else:
+        model = Engine(dataclasses.replace(engine_config(**model_kw), image_cache_entries=image_cache,
+                                           parallel=parallel))
+    with model as engine:
         server = EcsoServer(engine, options, config)
         slots = f"{parallel} slots, " if parallel > 1 else ""
-        click.echo(f"ecso: serving {name} at {server.url} ({slots}OpenAI-compatible; the page: {server.url[:-3]}/ ; "
-                   "Ctrl-C to stop)")
+        via = f"gateway to {remote.url}, " if remote is not None else ""
+        click.echo(f"ecso: serving {name} at {server.url} ({via}{slots}OpenAI-compatible; the page: "
+                   f"{server.url[:-3]}/ ; Ctrl-C to stop)")
         try:
             server.serve_forever()
         except KeyboardInterrupt:

@@ -75,6 +75,9 @@ def _outcomes(cfg: EvalConfig, todo: list, engine):
     completion order; records are keyed, so the order in the file does not matter)."""
     from ecso.runtime import run
 
+    if cfg.backend is not None:
+        yield from _remote_outcomes(cfg, todo, engine)
+        return
     if engine.config.parallel > 1:
         from ecso.runtime.batch import Request, run_batched
 
@@ -91,6 +94,41 @@ def _outcomes(cfg: EvalConfig, todo: list, engine):
                                           _options(cfg, defenses))
         except EcsoError as e:
             yield (sample, defenses), e
+
+
+def _remote_outcomes(cfg: EvalConfig, todo: list, model):
+    """(item, Result or EcsoError) with `backend.parallel` requests in flight on the server, in completion order.
+    Only this thread writes records; a request that fails after its retries (server down) is recorded as an
+    error and generated again by `--retry-errors`; requests in flight when the run is killed were never written."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from ecso.runtime import run
+
+    def one(sample, defenses):
+        try:
+            return run(model, sample.image, sample.query + cfg.query_suffix, _options(cfg, defenses))
+        except EcsoError as e:
+            return e
+
+    items = iter(todo)
+    with ThreadPoolExecutor(max_workers=cfg.backend.parallel, thread_name_prefix="ecso-eval") as pool:
+        running = {}
+        try:
+            for item in items:
+                running[pool.submit(one, *item)] = item
+                if len(running) >= cfg.backend.parallel:
+                    break
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    item = running.pop(future)
+                    next_item = next(items, None)
+                    if next_item is not None:
+                        running[pool.submit(one, *next_item)] = next_item
+                    yield item, future.result()
+        finally:
+            for future in running:
+                future.cancel()
 
 
 def _write_outcome(sample: Sample, defenses: list[str], result, log: store.JsonlLog, identity: dict,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ecso.runtime import EcsoOptions, EngineConfig, InputError, PROMPT_VERSION
+from ecso.runtime import EcsoOptions, EngineConfig, InputError, PROMPT_VERSION, RemoteConfig
 
 DEFENSES = ("none", "ecso")
 RUN_FORMAT = 1
@@ -105,6 +105,7 @@ class EvalConfig:
     force: bool = False
     retry_errors: bool = False
     progress: bool = True
+    backend: Optional[RemoteConfig] = None  # generation on an OpenAI-compatible server (then `engine` only judges)
 
 
 @dataclass
@@ -134,21 +135,34 @@ def generation_identity(cfg: EvalConfig) -> dict:
     """What must not change within one run: the model files and everything that shapes an answer."""
     from ecso.runtime.images import file_fingerprint
 
-    e, o = cfg.engine, cfg.options
+    e = cfg.engine
+    if cfg.backend is not None:
+        return {**_remote_model_identity(cfg.backend), **_decoding_identity(cfg)}
     if not Path(e.model).is_file():
         raise InputError(f"model file {e.model} not found")
     if e.mmproj and not Path(e.mmproj).is_file():
         raise InputError(f"mmproj file {e.mmproj} not found")
     return {"model": str(e.model), "model_fingerprint": file_fingerprint(e.model), "mmproj": e.mmproj,
             "mmproj_fingerprint": file_fingerprint(e.mmproj) if e.mmproj else None, "chat_format": e.chat_format,
-            "prompt_version": PROMPT_VERSION, "decision_rule": o.decision_rule, "self_judge": o.judge,
+            **_decoding_identity(cfg)}
+
+
+def _remote_model_identity(backend: RemoteConfig) -> dict:
+    """A server's model is known by its name; its URL may change between runs (a restarted server, another port)."""
+    return {"model": backend.url, "model_fingerprint": f"remote:{backend.model}", "mmproj": None,
+            "mmproj_fingerprint": None, "chat_format": "server"}
+
+
+def _decoding_identity(cfg: EvalConfig) -> dict:
+    o = cfg.options
+    return {"prompt_version": PROMPT_VERSION, "decision_rule": o.decision_rule, "self_judge": o.judge,
             "logit_threshold": o.logit_threshold, "max_tokens": o.max_tokens,
             "caption_max_tokens": o.caption_max_tokens, "judge_max_tokens": o.judge_max_tokens,
             "temperature": o.temperature, "top_p": o.top_p, "seed": o.seed, "system_prompt": o.system_prompt,
             "query_suffix": cfg.query_suffix or None, "regenerate_with_image": cfg.regenerate_with_image}
 
 
-_IDENTITY_IGNORED = ("model", "mmproj")  # paths may move; the fingerprints decide
+_IDENTITY_IGNORED = ("model", "mmproj")  # paths (and server URLs) may move; the fingerprints decide
 _IDENTITY_DEFAULTS = {"regenerate_with_image": False}  # keys newer than some run folders: their value there
 
 

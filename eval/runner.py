@@ -39,6 +39,13 @@ def open_eval_model(config: EngineConfig):
     return Engine(config)
 
 
+def remote_model(backend):
+    """The model under evaluation behind an OpenAI-compatible server (`--backend`)."""
+    from ecso.runtime.remote import RemoteModel
+
+    return RemoteModel(backend)
+
+
 class _Engines:
     """Loads engines lazily and shares one per model file (a text judge on the eval model reuses its engine)."""
 
@@ -127,7 +134,8 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
         responses = store.JsonlLog(run_dir / store.RESPONSES_FILE)
         try:
             summary.repaired_bytes += responses.repaired_bytes
-            generate_all(cfg, samples, responses, identity, engines.eval_engine, summary)
+            get_model = (lambda: remote_model(cfg.backend)) if cfg.backend is not None else engines.eval_engine
+            generate_all(cfg, samples, responses, identity, get_model, summary)
             utility = bench in UTILITY_BENCHMARKS
             judge = None if utility else make_judge(cfg.judge, engines)
             if utility and cfg.judge.kind != "rule":

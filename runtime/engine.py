@@ -414,6 +414,7 @@ class Engine:
             "gpu_backend": self.gpu_backend, "n_gpu_layers": self.n_gpu_layers,
             "mmproj_gpu": bool(self.config.mmproj_gpu and self.gpu_backend), "n_threads": self.n_threads,
             "flash_attn": self.flash_attn, "kv_type": "f32" if self.config.kv_f32 else "f16",
-            "parallel": self.config.parallel, "kv_prefix_reuse": self.kv_rollback,
+            "parallel": self.config.parallel,
+            "kv_prefix_reuse": "rollback" if self.kv_rollback else "append-only (recurrent state: recompute)",
             **self.cpu_repack.describe(),
         }

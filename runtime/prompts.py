@@ -33,6 +33,8 @@ APPEND_JUDGE_PROMPT: str = DATA["append_judge"]
 LLAVA15_SYSTEM: str = DATA["llava15"]["system"]
 
 DECISION_RULES = tuple(DATA["decision_rules"])
+# the judge names, in the order the CLI lists them; runtime/judges.py holds one strategy object per name
+JUDGE_NAMES: tuple[str, ...] = tuple(DATA["judges"])
 LOGIT_YES: tuple[str, ...] = tuple(DATA["logit_words"]["yes"])  # single-token spellings for the logit judges
 LOGIT_NO: tuple[str, ...] = tuple(DATA["logit_words"]["no"])
 

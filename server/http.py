@@ -14,7 +14,7 @@ import json
 import socket
 import threading
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -22,6 +22,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ecso.runtime import EcsoOptions, Engine, Heads
 from ecso.runtime.batch import BatchPool
 from ecso.runtime.errors import InputError
+from ecso.runtime.remote import RemoteModel
 from ecso.server.app import STREAM_MODES, RequestQueue, ServerConfig, ServerState, create_app, is_loopback
 from ecso.server.schemas import ApiError
 
@@ -86,14 +87,16 @@ def guarded_protocol(read_timeout: float, max_connections: int) -> type:
 
 
 class EcsoServer:
-    """Serves one Engine, with as many slots (requests running at once) as the engine's `parallel`. `start()` runs it in a background thread (tests, apps); `serve_forever()` blocks.
+    """Serves one Engine, with as many slots (requests running at once) as the engine's `parallel`; or, as a
+    gateway, a RemoteModel (an OpenAI-compatible server), with `RemoteConfig.parallel` requests in flight there.
+    `start()` runs it in a background thread (tests, apps); `serve_forever()` blocks.
 
         with EcsoServer(engine, EcsoOptions(max_tokens=256), ServerConfig(port=0)).start() as server:
             print(server.url)  # http://127.0.0.1:PORT/v1
     """
 
-    def __init__(self, engine: Engine, options: EcsoOptions = EcsoOptions(), config: ServerConfig = ServerConfig(),
-                 heads: Heads = Heads()):
+    def __init__(self, engine: Union[Engine, RemoteModel], options: EcsoOptions = EcsoOptions(),
+                 config: ServerConfig = ServerConfig(), heads: Heads = Heads()):
         if config.stream_mode not in STREAM_MODES:
             raise InputError(f"unknown stream mode {config.stream_mode!r}; use held or live")
         if not is_loopback(config.host) and not config.api_key:
@@ -101,7 +104,7 @@ class EcsoServer:
                              "use the model; pass --api-key (or ECSO_API_KEY), or bind 127.0.0.1")
         options.validate()
         self.config = config
-        slots = engine.config.parallel  # one slot per KV sequence the engine was loaded with
+        slots = engine.config.parallel  # one slot per KV sequence the engine was loaded with (remote: in flight)
         self.state = ServerState(engine, options, config, heads,
                                  RequestQueue(config.max_waiting, config.queue_timeout, slots),
                                  decoding=asyncio.Semaphore(max(1, config.max_decoding)))
@@ -115,7 +118,7 @@ class EcsoServer:
             self._sock.close()
             raise InputError(f"cannot listen on {config.host}:{config.port} ({e.strerror or e}); "
                              "pick another --port") from None
-        if slots > 1:  # after the bind: a failed start leaves no scheduler thread behind
+        if slots > 1 and isinstance(engine, Engine):  # after the bind: no scheduler thread left by a failed start
             self.state.pool = BatchPool(engine)
         uv = uvicorn.Config(create_app(self.state), http=guarded_protocol(config.read_timeout, config.max_connections),
                             lifespan="off", access_log=config.log, log_level="info" if config.log else "warning",

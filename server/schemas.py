@@ -11,11 +11,11 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ecso.runtime.ecso import JUDGES as RUNTIME_JUDGES
+from ecso.runtime.prompts import JUDGE_NAMES
 
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 Number = Annotated[float, Field(strict=True)]
-JUDGES = Literal[RUNTIME_JUDGES]  # the runtime's list: one place for the judge names
+JUDGES = Literal[JUDGE_NAMES]  # the runtime's judge table (runtime/judges.py): one place for the names
 
 
 class ApiError(Exception):

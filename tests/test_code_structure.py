@@ -16,11 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"ecso": "ecso", "runtime": "ecso.runtime", "cli": "ecso.cli", "server": "ecso.server",
             "eval": "ecso.eval", "export": "ecso.export", "models": "ecso.models"}
 MAX_LINES = 450
-SIZE_CHECKED = ("runtime", "cli", "export", "models")
-# Cycles and oversized modules being taken apart on other branches at the time of writing; each entry is removed
-# when that work lands (an entry that no longer applies fails the test, so the list cannot go stale).
-PENDING_CYCLES = {frozenset({"ecso.runtime.ecso", "ecso.runtime.batch"})}
-PENDING_SIZE = {"runtime/ecso.py"}
+SIZE_CHECKED = ("ecso", "runtime", "cli", "export", "models", "eval", "server")
+# Cycles and oversized modules tolerated while being taken apart (none now); an entry that no longer applies fails
+# the test, so the lists cannot go stale.
+PENDING_CYCLES: set[frozenset] = set()
+PENDING_SIZE: set[str] = set()
 
 
 def modules() -> dict[str, Path]:
@@ -171,7 +171,7 @@ def test_no_module_reaches_into_another_modules_private_names():
     assert found == {}
 
 
-def test_no_module_of_the_runtime_cli_export_or_models_is_over_450_lines():
+def test_no_module_of_the_package_is_over_450_lines():
     sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines())
              for folder in SIZE_CHECKED for p in (REPO / folder).glob("*.py")}
     assert {p: n for p, n in sizes.items() if n > MAX_LINES and p not in PENDING_SIZE} == {}

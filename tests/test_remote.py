@@ -1,0 +1,270 @@
+"""ECSO's four steps on llama.cpp's own `llama-server` (built from the pinned source), through the remote backend:
+the same steps and rule as in process, the same greedy tokens with the server's cache off, the server's prefix
+cache measured with it on, logprob judges, requests in flight on `-np 4`, and the failures a server can have."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from support.fault_injector import Fault, FaultInjector
+from support.llama_server import LlamaServer, free_port
+
+import ecso
+from ecso.runtime import BackendError, EcsoOptions, InputError, RemoteConfig, run
+from ecso.runtime.remote import RemoteModel
+
+QUERIES = ("What is happening in this picture?", "How do I pick the lock of the car in this picture?",
+           "Describe the street.", "Write a poem about the image.")
+FOUR_STEPS = ["answer", "judge", "caption", "regenerate"]
+
+
+@pytest.fixture(scope="module")
+def server(demo_files, tmp_path_factory):
+    """llama-server on the demo model + mmproj, 4 slots of 2048 positions, flash attention off like the CPU engine."""
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    with LlamaServer(demo_files[0], demo_files[1], slots=4, n_ctx=2048, extra=("-fa", "off"), log_path=log) as s:
+        yield s
+
+
+def remote(server, **kw) -> RemoteModel:
+    return RemoteModel(RemoteConfig(url=server.url, model="demo", **kw))
+
+
+def options(**kw) -> EcsoOptions:
+    return EcsoOptions(**{"max_tokens": 32, "caption_max_tokens": 32, **kw})
+
+
+# --- the steps through the server ---------------------------------------------------------------------------------
+def test_four_steps_run_through_llama_server_and_record_its_cached_tokens(server, street_png):
+    model = ecso.load(server.url, model="demo", judge="always-unsafe", max_tokens=24, caption_max_tokens=24)
+    r = model.run(street_png, QUERIES[0])
+    assert [s.name for s in r.steps] == FOUR_STEPS
+    assert r.unsafe and r.judge == "always-unsafe" and r.caption
+    assert r.answer == r.steps[-1].text and r.initial_answer == r.steps[0].text
+    assert r.engine["backend"] == "openai-compatible" and r.engine["url"] == server.url
+    assert all(s.prompt_positions > 0 and s.generated_tokens > 0 for s in r.steps)
+    # steps 2 and 3 start with step 1's `system + image` prefix: the server reports it as cached
+    _, judge, caption, _ = r.steps
+    assert caption.reused_positions >= 256 and judge.reused_positions >= 256, [s.reused_positions for s in r.steps]
+    assert "api_key" not in json.dumps(r.to_dict())
+    events = [e.kind for e in model.stream(street_png, QUERIES[0])]
+    assert events[0] == "step_start" and events[-1] == "result" and events.count("step_end") == 4
+
+
+def test_cache_off_renders_the_engines_prompts_and_matches_its_greedy_steps(server, demo_engine, street_png, capsys):
+    """With `cache_prompt: false` every step is evaluated whole, as the engine does with reuse off. The server
+    renders the same prompts (llama-server's `/apply-template` gives the engine's text, the image first then a
+    newline; the prompt lengths are equal at every step), and the caption, whose prompt does not depend on the
+    answer, is the same greedy text. Measured on this machine: step 1 agrees for its first 6 tokens, then the two
+    builds take different sides of a near tie ("The Amazing..." in process, "The Legend..." on the server), with
+    one slot or four, so the judge (whose prompt holds that answer) differs too; the measured prefix is printed."""
+    opts = options(judge="always-unsafe", reuse=False, max_tokens=16, caption_max_tokens=16)
+    local = run(demo_engine, street_png, QUERIES[0], opts)
+    far = run(remote(server), street_png, QUERIES[0], opts)
+    assert [s.prompt_positions for s in far.steps] == [s.prompt_positions for s in local.steps]
+    assert all(s.reused_positions == 0 for s in far.steps)
+    assert far.caption == local.caption  # step 3's prompt does not depend on the answer
+    assert far.answer == local.answer  # step 4 reads only the caption and the query
+    a, b = far.initial_answer, local.initial_answer
+    common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    with capsys.disabled():
+        print(f"\n[cache off] step texts equal {[x.text == y.text for x, y in zip(far.steps, local.steps)]}; "
+              f"answers share their first {common} characters: {a[:common]!r}")
+
+
+def test_cache_on_agreement_with_the_engine_is_measured(server, demo_engine, street_png, capsys):
+    """With the server's prefix cache on, a cached prefix is not re-evaluated and the rest of the prompt goes in
+    another batch than a fresh evaluation would use, so greedy tokens may drift from the engine's. This measures
+    how often verdict and texts still agree (the numbers are printed); the prompts must still be the same."""
+    opts = options(judge="paper")
+    rows = []
+    for query in QUERIES:
+        local = run(demo_engine, street_png, query, opts)
+        far = run(remote(server), street_png, query, opts)
+        assert [s.prompt_positions for s in far.steps] == [s.prompt_positions for s in local.steps]
+        rows.append({"verdict_equal": far.unsafe == local.unsafe, "answer_equal": far.answer == local.answer,
+                     "judge_reply_equal": far.judge_reply == local.judge_reply,
+                     "cached": [s.reused_positions for s in far.steps]})
+    agree = {k: sum(r[k] for r in rows) for k in ("verdict_equal", "answer_equal", "judge_reply_equal")}
+    with capsys.disabled():
+        print(f"\n[cache on] {len(rows)} requests, agreement with the in-process engine: {agree}; "
+              f"cached tokens per step: {[r['cached'] for r in rows]}")
+    assert any(sum(r["cached"]) > 0 for r in rows)  # the cache really was used
+
+
+def test_logit_judge_reads_the_servers_top_logprobs(server, demo_engine, street_png):
+    """P(yes) from the server's top_logprobs equals the engine's P(yes) from its own logits for the same TELL prompt
+    (the prompt holds the server's step-1 answer, which may differ from the engine's own)."""
+    from ecso.runtime.local_backend import StepPrompts, p_yes, yes_no_ids
+
+    far = run(remote(server), street_png, QUERIES[1], options(judge="logit", reuse=False))
+    assert far.judge_score is not None and 0.0 <= far.judge_score <= 1.0
+    prompts = StepPrompts(demo_engine, demo_engine.load_image(street_png), QUERIES[1])
+    with demo_engine.cancellable(None):
+        demo_engine.prefill(prompts.judge(far.initial_answer), reuse=False)
+        local_score = p_yes(demo_engine.logits(), *yes_no_ids(demo_engine))
+    assert abs(far.judge_score - local_score) < 0.02, (far.judge_score, local_score)
+    assert far.unsafe == (local_score >= 0.5)
+
+
+def test_appended_judge_and_history_go_to_the_server(server, street_png):
+    from ecso.runtime import Message
+
+    history = [Message("user", "Hello."), Message("assistant", "Hi! How can I help?")]
+    r = run(remote(server), street_png, QUERIES[1], options(judge="append"), history=history)
+    assert [s.name for s in r.steps][:2] == ["answer", "judge"]
+    # the appended judge's prompt holds the whole conversation, step 1's answer included
+    assert r.steps[1].prompt_positions > r.steps[0].prompt_positions + r.steps[0].generated_tokens - 2
+
+
+def test_guarded_streaming_is_refused_up_front_with_one_line(server, street_png):
+    with pytest.raises(InputError, match="needs the KV cache itself"):
+        run(remote(server), street_png, QUERIES[0], options(guard_every=4))
+
+
+# --- requests in flight on -np 4 ----------------------------------------------------------------------------------
+class CountingModel(RemoteModel):
+    """Counts the step requests in flight at once (client side), to prove run_many keeps N of them going."""
+
+    def __init__(self, config: RemoteConfig):
+        super().__init__(config)
+        self.now = self.most = 0
+        self.lock = threading.Lock()
+
+    def chat(self, *args, **kw):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            return super().chat(*args, **kw)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def test_run_many_keeps_four_requests_in_flight_on_np_4(server, street_png, capsys):
+    requests = [(street_png, q) for q in QUERIES * 2]
+    walls = {}
+    results = {}
+    for parallel in (1, 4):
+        app = ecso.load(server.url, model="demo", parallel=parallel, max_tokens=16, caption_max_tokens=16)
+        counting = CountingModel(app.engine.config)
+        app.engine = counting
+        t0 = time.perf_counter()
+        results[parallel] = app.run_many(requests)
+        walls[parallel] = time.perf_counter() - t0
+        assert counting.most == parallel
+    with capsys.disabled():
+        print(f"\n[np 4] 8 requests: --parallel 1 {walls[1]:.1f} s, --parallel 4 {walls[4]:.1f} s")
+    assert [r.unsafe for r in results[4]] == [r.unsafe for r in results[1]]
+    assert all(len(r.steps) >= 2 for r in results[4])
+
+
+# --- faults -------------------------------------------------------------------------------------------------------
+def test_connection_refused_is_one_clear_error(street_png):
+    dead = RemoteModel(RemoteConfig(url=f"http://127.0.0.1:{free_port()}/v1", model="demo", retries=1,
+                                    retry_backoff_s=0.01))
+    with pytest.raises(BackendError, match="cannot reach the backend at http://127.0.0.1:.*start the server"):
+        run(dead, street_png, QUERIES[0], options())
+
+
+def test_cli_reports_an_unreachable_backend_in_one_line(street_png):
+    from conftest import run_cli
+
+    p = run_cli("ecso-run", "--backend", f"http://127.0.0.1:{free_port()}/v1", "--backend-model", "demo",
+                "--backend-retries", "0", "--image", str(street_png), "hi")
+    assert p.returncode == 4
+    assert p.stderr.strip().count("\n") == 0 and "cannot reach the backend" in p.stderr
+
+
+def test_5xx_is_retried_then_succeeds_and_fails_when_retries_run_out(server, street_png):
+    flaky = FaultInjector(server.url, script=[Fault("status", status=503), Fault("status", status=502)])
+    try:
+        r = run(RemoteModel(RemoteConfig(url=flaky.url, model="demo", retries=2, retry_backoff_s=0.01)),
+                street_png, QUERIES[0], options())
+        assert r.answer and flaky.seen[:3] == ["status", "status", "forward"]
+        flaky.script = [Fault("status", status=500)] * 3
+        with pytest.raises(BackendError, match=r"failed \(HTTP 500: injected failure\)"):
+            run(RemoteModel(RemoteConfig(url=flaky.url, model="demo", retries=2, retry_backoff_s=0.01)),
+                street_png, QUERIES[0], options())
+    finally:
+        flaky.close()
+
+
+@pytest.mark.parametrize("body,message", [(b"<html>oops</html>", "not JSON"),
+                                          (b'{"choices": []}', "not an OpenAI chat completion"),
+                                          (b'{"choices": [{"message": {"content": 7}}]}', "not an OpenAI chat")])
+def test_malformed_bodies_are_clear_errors(street_png, body, message):
+    bad = FaultInjector(then=Fault("raw", raw=body))
+    try:
+        with pytest.raises(BackendError, match=message):
+            run(RemoteModel(RemoteConfig(url=bad.url, model="demo")), street_png, QUERIES[0], options())
+    finally:
+        bad.close()
+
+
+def test_a_slow_server_times_out(street_png):
+    slow = FaultInjector(then=Fault("sleep", seconds=5))
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(BackendError, match="did not answer within 0.5 s"):
+            run(RemoteModel(RemoteConfig(url=slow.url, model="demo", timeout_s=0.5)), street_png, QUERIES[0],
+                options())
+        assert time.perf_counter() - t0 < 3
+    finally:
+        slow.close()
+
+
+def test_logit_judge_without_logprobs_fails_with_a_clear_message(server, street_png):
+    def strip_logprobs(reply: dict) -> dict:
+        for choice in reply["choices"]:
+            choice.pop("logprobs", None)
+        return reply
+
+    proxy = FaultInjector(server.url, then=Fault("forward", alter=strip_logprobs))
+    try:
+        with pytest.raises(BackendError, match="returned no top_logprobs.*use --judge paper or append"):
+            run(RemoteModel(RemoteConfig(url=proxy.url, model="demo")), street_png, QUERIES[0],
+                options(judge="logit"))
+    finally:
+        proxy.close()
+
+
+def test_api_key_is_sent_from_the_environment_and_never_recorded(server, street_png, monkeypatch):
+    monkeypatch.setenv("ECSO_BACKEND_API_KEY", "sekret-123")
+    keyed = LlamaServer(server.model, server.mmproj, n_ctx=2048, extra=("--api-key", "sekret-123"))
+    with keyed:
+        r = run(RemoteModel(RemoteConfig(url=keyed.url, model="demo")), street_png, QUERIES[0], options())
+        assert "sekret" not in json.dumps(r.to_dict())
+        monkeypatch.setenv("ECSO_BACKEND_API_KEY", "wrong")
+        with pytest.raises(BackendError, match="HTTP 401.*ECSO_BACKEND_API_KEY"):
+            run(RemoteModel(RemoteConfig(url=keyed.url, model="demo")), street_png, QUERIES[0], options())
+
+
+# --- a converted family on the server -----------------------------------------------------------------------------
+def test_a_tiny_converted_family_runs_the_four_steps_on_llama_server(street_png, tmp_path, capsys):
+    """Qwen2-VL (tiny, converted by the pinned converter) served by llama-server with its own template: the four
+    steps run. The sizes are printed beside the in-process engine's, which counts positions: Qwen2-VL's M-RoPE gives
+    an image fewer positions than tokens, and the server counts tokens; the template layouts differ too (the engine
+    puts the image in the family's own `<|vision_start|>` slot, llama-server flattens an image + text turn to
+    `image \\n text` for the template), so texts are not expected to match here."""
+    from ecso.models.families import converted_family, smollm2_vocab
+    from ecso.runtime import Engine, EngineConfig
+
+    family = converted_family("qwen2vl", vocab_cache=smollm2_vocab())
+    opts = options(judge="always-unsafe", reuse=False, max_tokens=12, caption_max_tokens=12)
+    with LlamaServer(str(family.llm), str(family.mmproj), n_ctx=2048, extra=("-fa", "off", "-ctk", "f32", "-ctv",
+                                                                              "f32"), log_path=tmp_path / "log"
+                     ) as s:
+        far = run(remote(s), street_png, QUERIES[0], opts)
+    with Engine(EngineConfig(model=str(family.llm), mmproj=str(family.mmproj), n_ctx=2048, kv_f32=True,
+                             flash_attn=False)) as engine:
+        local = run(engine, street_png, QUERIES[0], opts)
+    assert [s.name for s in far.steps] == FOUR_STEPS and all(s.prompt_positions > 0 for s in far.steps)
+    with capsys.disabled():
+        print(f"\n[qwen2vl] prompt tokens (server) {[s.prompt_positions for s in far.steps]} vs positions (engine) "
+              f"{[s.prompt_positions for s in local.steps]}; texts equal per step "
+              f"{[a.text == b.text for a, b in zip(far.steps, local.steps)]}")

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from ecso.runtime.devices import OffloadPlan, list_backends_and_devices, offload_plan
 from ecso.runtime.errors import Cancelled, ContextOverflowError, EngineError, InputError, ModelError
 from ecso.runtime.images import (CachedEmbedding, EmbeddingCache, ImageLimits, ImageSource, LoadedImage,
                                  file_fingerprint, load_image)
@@ -206,6 +207,11 @@ def generate_tokens(engine: "Engine", sampling: Sampling, sample: Callable[[Any]
     return Generation(out, raw.decode("utf-8", errors="replace"), finish, time.perf_counter() - t0)
 
 
+def engine_offload_plan(n_layer: int, n_gpu_layers: int) -> OffloadPlan:
+    """The backend, devices and layer count llama.cpp offloads this model to (recorded in `describe()`)."""
+    return offload_plan(n_layer, n_gpu_layers, list_backends_and_devices()[1])
+
+
 class Engine:
     """A loaded model. Use as a context manager or call close(); see module docstring for thread safety."""
 
@@ -245,6 +251,7 @@ class Engine:
         except BaseException:
             self.close()
             raise
+        self.offload = engine_offload_plan(self._L.llama_model_n_layer(self._model), self.n_gpu_layers)
         self.model_fingerprint = file_fingerprint(config.model)
         self.mmproj_fingerprint = file_fingerprint(config.mmproj) if config.mmproj else None
         self.kv = PrefixCache()
@@ -650,6 +657,6 @@ class Engine:
             "gpu_backend": self.gpu_backend, "n_gpu_layers": self.n_gpu_layers,
             "mmproj_gpu": bool(self.config.mmproj_gpu and self.gpu_backend), "n_threads": self.n_threads,
             "flash_attn": self.flash_attn, "kv_type": "f32" if self.config.kv_f32 else "f16",
-            "parallel": self.config.parallel,
+            "parallel": self.config.parallel, **self.offload.describe(),
             **self.cpu_repack.describe(),
         }

@@ -57,8 +57,8 @@ class EngineConfig:
     n_threads: Optional[int] = None  # None: all cores
     n_gpu_layers: int = -1  # -1: every layer when llama.cpp was built with CUDA/Metal/Vulkan, else 0
     mmproj_gpu: bool = True  # run the vision encoder on the GPU too (when there is one)
-    # None: on for GPU builds (llama.cpp decides), off on CPU. Off makes reuse bit-identical to no-reuse: flash
-    # attention's tiling depends on the KV window, which differs when cells are reused (measured on the demo model).
+    # None (default): off on every backend (flash_attn_default). True forces it on: less memory on GPUs, but reuse
+    # is then no longer bit-identical to no-reuse (its tiling depends on the KV window, which reuse changes).
     flash_attn: Optional[bool] = None
     kv_f32: bool = False  # f32 KV cache (exactness) instead of f16 (half the memory)
     chat_format: str = "auto"  # auto (the GGUF's template, else llava-1.5) | llava-1.5 | gguf
@@ -207,6 +207,15 @@ def generate_tokens(engine: "Engine", sampling: Sampling, sample: Callable[[Any]
     return Generation(out, raw.decode("utf-8", errors="replace"), finish, time.perf_counter() - t0)
 
 
+def flash_attn_default(requested: Optional[bool]) -> bool:
+    """Flash attention only when asked for, on every backend (CPU, Vulkan, CUDA, Metal). Its kernels split the
+    attention over the KV window, and a step that reuses cached cells sees another window than the same prompt
+    evaluated from an empty cache, so the logits differ in the last bits (measured on CPU; on Vulkan see
+    docs/gpu.md): ECSO's guarantee that reuse equals recomputation holds only with it off. Never llama.cpp's
+    "auto", which turns it on for GPU devices and leaves the recorded setting unknown."""
+    return bool(requested)
+
+
 def engine_offload_plan(n_layer: int, n_gpu_layers: int) -> OffloadPlan:
     """The backend, devices and layer count llama.cpp offloads this model to (recorded in `describe()`)."""
     return offload_plan(n_layer, n_gpu_layers, list_backends_and_devices()[1])
@@ -298,9 +307,8 @@ class Engine:
         cp.n_threads = cp.n_threads_batch = self.n_threads
         if cfg.kv_f32:
             cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
-        self.flash_attn = self.gpu_backend if cfg.flash_attn is None else cfg.flash_attn
-        cp.flash_attn_type = (L.LLAMA_FLASH_ATTN_TYPE_AUTO if cfg.flash_attn is None and self.gpu_backend else
-                              L.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self.flash_attn = flash_attn_default(cfg.flash_attn)
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = L.llama_init_from_model(self._model, cp)
         if not self._ctx:
             raise ModelError(f"could not create a llama.cpp context of {cfg.n_ctx} tokens (out of memory?); "

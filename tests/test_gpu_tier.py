@@ -200,3 +200,23 @@ def test_text_logits_on_the_device_match_transformers(engines, tiny):
     model = transformers.LlavaForConditionalGeneration.from_pretrained(str(tiny.hf), dtype=torch.float32).eval()
     ids = e.tokenize("USER: Is the RESPONSE harmful, unsafe and unethical? ASSISTANT: no", True)
     assert_text_logits_match(e, model, ids, "tiny-llava on the device", 1e-4)
+
+
+@pytest.fixture(scope="module")
+def demo_on_device(files):
+    """The demo model with the default configuration (f16 KV, the default flash-attention choice), all offloaded."""
+    from ecso.runtime import Engine
+
+    with Engine(offloaded(*files("demo"), exact=False)) as e:
+        yield e
+
+
+def test_demo_model_four_steps_on_the_device_with_the_defaults_reuse_is_bit_exact(demo_on_device, street_png):
+    e = demo_on_device
+    d = e.describe()
+    assert d["layers_offloaded"] == "31/31" and d["mmproj_gpu"] and d["kv_type"] == "f16"
+    a = run_forced_unsafe(e, street_png, reuse=True)
+    b = run_forced_unsafe(e, street_png, reuse=False)
+    assert [s.name for s in a.steps] == STEP_NAMES
+    assert _steps(a) == _steps(b) and a.judge_score == b.judge_score
+    assert (a.image_encodes, b.image_encodes) == (1, 3)

@@ -31,7 +31,9 @@ def render(report) -> str:
     for k in ("CUDA", "METAL", "Metal", "VULKAN"):
         if any(b.upper() == k.upper() for b in report.backends):
             out.append(_line(k.lower(), "compiled in"))
-    out.append(_line("GPU offload", "yes" if report.gpu_offload else "no (CPU-only build)"))
+    gpu_built = any(b not in ("CPU", "BLAS", "RPC") for b in report.backends)
+    out.append(_line("GPU offload", "yes" if report.gpu_offload else
+                     "no (no GPU device found)" if gpu_built else "no (CPU-only build)"))
     out.extend(device_lines(report))
     cr = report.cpu_repack
     out.append(_line("cpu repack (auto)", f"{'on' if cr['enabled'] else 'off'}: {cr['reason']}"))

@@ -87,10 +87,15 @@ def command(image, repeats, max_tokens, image_size, parallel, n_requests, as_jso
         with Engine(dataclasses.replace(cfg, parallel=parallel)) as engine, Engine(cfg) as sequential:
             report = run_throughput_bench(engine, sequential, images, n_requests=n_requests, max_tokens=max_tokens,
                                           progress=lambda m: click.echo(f"[bench] {m}", err=True))
+            from ecso.eval.speed import device_report
+
+            device = device_report(engine)
         click.echo(report.table())
+        click.echo(f"backend: {device['backend']} ({', '.join(device['devices'] or []) or 'CPU'})"
+                   + (f"\nnote: {device['note']}" if device.get("note") else ""))
         if as_json:
             with open(as_json, "w") as f:
-                json.dump(report.to_dict(), f, indent=2)
+                json.dump({**report.to_dict(), "device": device}, f, indent=2)
         return
     from ecso.runtime.errors import ModelError
     from ecso.runtime.libecso import find_library

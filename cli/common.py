@@ -25,7 +25,7 @@ def model_options(f: Callable) -> Callable:
         click.option("--no-mmproj-gpu", is_flag=True, help="Run the vision encoder on the CPU even with a GPU."),
         click.option("--threads", type=int, default=None, help="CPU threads (default: all cores)."),
         click.option("--flash-attn/--no-flash-attn", default=None, help="Force flash attention on/off "
-                     "(default: on for GPU builds, off on CPU, where it breaks bit-exact KV reuse)."),
+                     "(default: off on every backend: with it, KV reuse is not bit-exact)."),
         click.option("--cpu-repack", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="llama.cpp's CPU weight repacking. auto: off on CPUs whose llama.cpp build uses AMX (its "
                           "repack buffer crashes there, ggml-org/llama.cpp#20824), else on."),

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ecso.runtime.devices import ggml_libraries, list_backends_and_devices, offload_plan
+from ecso.runtime.gguf_info import read_gguf_info
 from ecso.runtime.llama_settings import choose_cpu_repack, llama_system_info
-
-_DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
 # features of the CPU backend worth a line in a bug report, in the order people look for them
 CPU_FEATURES = ("AMX_INT8", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AVX_VNNI", "AVX2", "AVX", "FMA", "F16C",
                 "NEON", "ARM_FMA", "DOTPROD", "SVE", "SME", "OPENMP", "REPACK", "LLAMAFILE")
@@ -34,6 +34,7 @@ class Device:
     type: str  # cpu | gpu | igpu | accel | meta
     memory_total_mb: Optional[int] = None
     memory_free_mb: Optional[int] = None
+    backend: Optional[str] = None  # the ggml backend that exposes it: CPU, Vulkan, CUDA, Metal, ...
 
 
 @dataclass
@@ -57,6 +58,7 @@ class SystemReport:
     gpu_offload: bool
     onnxruntime: dict
     demo_model: dict
+    offload: Optional[dict] = None  # where a model's layers would go with -ngl -1 (model_offload)
     smoke: Optional[SmokeResult] = None
 
     def to_dict(self) -> dict:
@@ -73,19 +75,10 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
-def _ggml_libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    """libggml (backend registry) and libggml-base (devices, version), as loaded by llama-cpp-python."""
-    import llama_cpp
-
-    lib = Path(llama_cpp.__file__).parent / "lib"
-    suffix = ".dylib" if sys.platform == "darwin" else ".dll" if sys.platform == "win32" else ".so"
-    return ctypes.CDLL(str(lib / f"libggml{suffix}")), ctypes.CDLL(str(lib / f"libggml-base{suffix}"))
-
-
 def llama_cpp_build() -> dict:
     """ggml's version and commit (the llama.cpp build inside llama-cpp-python)."""
     try:
-        _, base = _ggml_libs()
+        _, base = ggml_libraries()
         base.ggml_version.restype = ctypes.c_char_p
         base.ggml_commit.restype = ctypes.c_char_p
         return {"ggml_version": base.ggml_version().decode(), "ggml_commit": base.ggml_commit().decode()}
@@ -94,36 +87,28 @@ def llama_cpp_build() -> dict:
 
 
 def backends_and_devices() -> tuple[list[str], list[Device]]:
-    """Registered ggml backends (CPU, CUDA, Metal, ...) and the devices llama.cpp can use."""
-    import llama_cpp
+    """Registered ggml backends (CPU, CUDA, Metal, Vulkan, ...) and the devices llama.cpp can use."""
+    backends, devices = list_backends_and_devices()
+    return backends, [Device(d.name, d.description, d.type, d.memory_total_mb, d.memory_free_mb, d.backend)
+                      for d in devices]
 
-    llama_cpp.llama_backend_init()
-    ggml, base = _ggml_libs()
-    vp, sz = ctypes.c_void_p, ctypes.c_size_t
-    for lib in (ggml, base):
-        for fn, res, args in (("ggml_backend_reg_count", sz, []), ("ggml_backend_reg_get", vp, [sz]),
-                              ("ggml_backend_dev_count", sz, []), ("ggml_backend_dev_get", vp, [sz])):
-            if hasattr(lib, fn):
-                getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
-    base.ggml_backend_reg_name.restype, base.ggml_backend_reg_name.argtypes = ctypes.c_char_p, [vp]
-    base.ggml_backend_dev_name.restype, base.ggml_backend_dev_name.argtypes = ctypes.c_char_p, [vp]
-    base.ggml_backend_dev_description.restype, base.ggml_backend_dev_description.argtypes = ctypes.c_char_p, [vp]
-    base.ggml_backend_dev_type.restype, base.ggml_backend_dev_type.argtypes = ctypes.c_int, [vp]
-    base.ggml_backend_dev_memory.restype = None
-    base.ggml_backend_dev_memory.argtypes = [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)]
-    backends = [base.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)).decode()
-                for i in range(ggml.ggml_backend_reg_count())]
-    devices = []
-    for i in range(ggml.ggml_backend_dev_count()):
-        dev = ggml.ggml_backend_dev_get(i)
-        kind = _DEVICE_TYPES.get(base.ggml_backend_dev_type(dev), "unknown")
-        free, total = sz(0), sz(0)
-        base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        devices.append(Device(base.ggml_backend_dev_name(dev).decode(),
-                              (base.ggml_backend_dev_description(dev) or b"").decode(errors="replace"), kind,
-                              total.value // 2**20 if total.value else None,
-                              free.value // 2**20 if free.value else None))
-    return backends, devices
+
+def model_offload(model: str, n_gpu_layers: int = -1) -> dict:
+    """Where `model`'s layers would go with `n_gpu_layers` (-1: all), read from its GGUF header and the devices
+    present, and whether its weights fit the devices' free memory (the KV cache and compute buffers come on top)."""
+    info = read_gguf_info(model, "model")
+    n_layer = info.get("{arch}.block_count")
+    if n_layer is None:
+        return {"model": model, "error": "the GGUF header has no block_count"}
+    _, devices = list_backends_and_devices()
+    plan = offload_plan(int(n_layer), n_gpu_layers, devices)
+    free = [d.memory_free_mb for d in devices if f"{d.name}: {d.description}" in plan.devices]
+    weights_mb = Path(model).stat().st_size // 2**20
+    out = {"model": model, "n_gpu_layers": n_gpu_layers, **plan.describe(), "weights_mb": weights_mb}
+    if plan.layers_offloaded and all(f is not None for f in free):
+        out["devices_free_mb"] = sum(free)
+        out["weights_fit"] = weights_mb < sum(free)
+    return out
 
 
 def cpu_flags() -> list[str]:
@@ -211,7 +196,7 @@ def run_smoke_child(code: str, cpu_repack: str, timeout: float) -> SmokeResult:
     return SmokeResult(True, 0, seconds, f"ECSO ran ({steps}) in {detail.get('seconds', seconds):.2f} s", detail)
 
 
-def system_report(smoke: bool = True, cpu_repack: str = "auto") -> SystemReport:
+def system_report(smoke: bool = True, cpu_repack: str = "auto", offload_model: Optional[str] = None) -> SystemReport:
     import llama_cpp
 
     features = llama_system_info()
@@ -229,6 +214,9 @@ def system_report(smoke: bool = True, cpu_repack: str = "auto") -> SystemReport:
         cpu_repack=asdict(choose_cpu_repack("auto", features)),
         gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
         onnxruntime=onnxruntime_info(), demo_model=demo_model_info())
+    model = offload_model or report.demo_model.get("llm")
+    if model:
+        report.offload = model_offload(str(model))
     if smoke:
         if report.demo_model["installed"]:
             report.smoke = smoke_test(cpu_repack)

@@ -33,6 +33,25 @@ TARGETS = {"safe/plain append-logit": 1.05, "safe/plain logit": 1.05, "safe/plai
            "safe/plain paper": 1.15, "full reuse/no-reuse": 0.6, "decode tok/s ours/Llama": 1.0}
 
 
+# Vulkan devices that run on the CPU (Mesa's lavapipe shows as "llvmpipe", Google's SwiftShader): they exercise
+# the GPU code paths, but their timings say nothing about a GPU
+CPU_EMULATED_DEVICES = ("llvmpipe", "lavapipe", "swiftshader")
+
+
+def device_report(engine: Engine) -> dict:
+    """The backend and devices the engine ran on (from `Engine.describe()`), and a plain warning when the device is
+    a CPU emulating a GPU."""
+    d = engine.describe()
+    out = {k: d.get(k) for k in ("backend", "devices", "layers_offloaded", "mmproj_gpu", "flash_attn", "kv_type",
+                                 "n_threads")}
+    emulated = [dev for dev in d.get("devices") or [] if any(n in dev.lower() for n in CPU_EMULATED_DEVICES)]
+    out["cpu_emulated_device"] = bool(emulated)
+    if emulated:
+        out["note"] = (f"ran on {emulated[0]}, a Vulkan device emulated on the CPU (Mesa lavapipe): these timings "
+                       "are NOT GPU timings; they only show that the GPU code paths run")
+    return out
+
+
 @dataclass
 class BenchReport:
     model: str
@@ -45,6 +64,7 @@ class BenchReport:
     image_encodes_per_request: dict[str, float] = field(default_factory=dict)
     floors: dict[str, float] = field(default_factory=dict)  # the ratio each design implies (extra positions / work)
     notes: list[str] = field(default_factory=list)
+    device: dict = field(default_factory=dict)  # backend, devices, layers offloaded (device_report)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -52,7 +72,10 @@ class BenchReport:
         return d
 
     def table(self) -> str:
-        rows = [f"model: {self.model}", f"image tokens: {self.image_tokens}, answer tokens <= {self.max_tokens}, "
+        dev = self.device
+        where = ", ".join(dev.get("devices") or []) or "CPU"
+        rows = [f"model: {self.model}", f"backend: {dev.get('backend', '?')} ({where}), layers offloaded "
+                f"{dev.get('layers_offloaded', '?')}", f"image tokens: {self.image_tokens}, answer tokens <= {self.max_tokens}, "
                 f"repeats: {self.repeats} (median of per-round ratios)", "",
                 f"{'ratio':<28}{'measured':>10}{'target':>10}   ok", "-" * 54]
         for name, value in self.ratios.items():
@@ -87,6 +110,9 @@ def run_bench(engine: Engine, image, repeats: int = 5, max_tokens: int = 64, que
     prompt, _ = engine.build_prompt([Message("user", query)], loaded)
     img_tokens = sum(p.n_pos for p in prompt.pieces if isinstance(p, ImagePiece))
     rep = BenchReport(engine.config.model, engine.config.mmproj, img_tokens, max_tokens, repeats)
+    rep.device = device_report(engine)
+    if rep.device.get("note"):
+        rep.notes.append(rep.device["note"])
     samples: dict[str, list[float]] = {}
     encodes: dict[str, list[int]] = {}
     extra_pos: dict[str, list[float]] = {}

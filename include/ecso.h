@@ -116,7 +116,7 @@ typedef struct ecso_config {
     int32_t n_threads;       /* 0: all cores */
     int32_t n_gpu_layers;    /* -1: all layers when llama.cpp has a GPU backend, else 0 */
     int32_t mmproj_gpu;      /* 1: vision encoder on the GPU too (when there is one) */
-    int32_t flash_attn;      /* -1: on for GPU builds, off on CPU (bit-exact reuse); 0 off; 1 on */
+    int32_t flash_attn;      /* -1 (default) and 0: off (bit-exact reuse); 1: on */
     int32_t kv_f32;          /* 1: f32 KV cache instead of f16 */
     int32_t chat_format;     /* ecso_chat_format (default AUTO) */
     int32_t cpu_repack;      /* ecso_cpu_repack (default AUTO) */

@@ -193,10 +193,9 @@ void Engine::load() {
     cp.kv_unified = true;  // seq_rm on partial ranges needs a unified cache
     cp.n_threads = cp.n_threads_batch = n_threads_;
     if (cfg.kv_f32) cp.type_k = cp.type_v = GGML_TYPE_F32;
-    flash_attn_ = cfg.flash_attn < 0 ? gpu_backend_ : cfg.flash_attn != 0;
-    cp.flash_attn_type = (cfg.flash_attn < 0 && gpu_backend_) ? LLAMA_FLASH_ATTN_TYPE_AUTO
-                         : flash_attn_                        ? LLAMA_FLASH_ATTN_TYPE_ENABLED
-                                                              : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    // only when asked for, on every backend: with it, reuse is not bit-identical to recomputation (as in Python)
+    flash_attn_ = cfg.flash_attn > 0;
+    cp.flash_attn_type = flash_attn_ ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
     ctx_ = llama_init_from_model(model_, cp);
     if (!ctx_)
         throw model_error("could not create a llama.cpp context of " + std::to_string(cfg.n_ctx) +

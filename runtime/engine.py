@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ecso.runtime.devices import OffloadPlan, list_backends_and_devices, offload_plan
 from ecso.runtime.errors import ContextOverflowError, EngineError, InputError, ModelError
 from ecso.runtime.gguf_info import read_gguf_info
 from ecso.runtime.images import (CachedEmbedding, EmbeddingCache, ImageLimits, ImageSource, LoadedImage,
@@ -54,8 +55,8 @@ class EngineConfig:
     n_threads: Optional[int] = None  # None: all cores
     n_gpu_layers: int = -1  # -1: every layer when llama.cpp was built with CUDA/Metal/Vulkan, else 0
     mmproj_gpu: bool = True  # run the vision encoder on the GPU too (when there is one)
-    # None: on for GPU builds (llama.cpp decides), off on CPU. Off makes reuse bit-identical to no-reuse: flash
-    # attention's tiling depends on the KV window, which differs when cells are reused (measured on the demo model).
+    # None (default): off on every backend (flash_attn_default). True forces it on: less memory on GPUs, but reuse
+    # is then no longer bit-identical to no-reuse (its tiling depends on the KV window, which reuse changes).
     flash_attn: Optional[bool] = None
     kv_f32: bool = False  # f32 KV cache (exactness) instead of f16 (half the memory)
     chat_format: str = "auto"  # auto (the GGUF's template, else llava-1.5) | llava-1.5 | gguf
@@ -134,6 +135,11 @@ class DirectDecoder:
         self.context.clear_all()
 
 
+def engine_offload_plan(n_layer: int, n_gpu_layers: int) -> OffloadPlan:
+    """The backend, devices and layer count llama.cpp offloads this model to (recorded in `describe()`)."""
+    return offload_plan(n_layer, n_gpu_layers, list_backends_and_devices()[1])
+
+
 class Engine:
     """A loaded model. Use as a context manager or call close(); see module docstring for thread safety."""
 
@@ -172,6 +178,7 @@ class Engine:
         self.kv_rollback = ctx.kv_rollback  # False for recurrent / hybrid LLMs: see LlamaContext
         self.n_ctx, self.n_batch = ctx.n_ctx, ctx.n_batch
         self.flash_attn = ctx.flash_attn
+        self.offload = engine_offload_plan(ctx.n_layer, self.n_gpu_layers)
         self.model_fingerprint = file_fingerprint(config.model)
         self.mmproj_fingerprint = file_fingerprint(config.mmproj) if config.mmproj else None
         # Optional hook called for every evaluation: ("text", tokens, pos0) or ("image", n_pos, pos0). Tests use it to
@@ -414,7 +421,7 @@ class Engine:
             "gpu_backend": self.gpu_backend, "n_gpu_layers": self.n_gpu_layers,
             "mmproj_gpu": bool(self.config.mmproj_gpu and self.gpu_backend), "n_threads": self.n_threads,
             "flash_attn": self.flash_attn, "kv_type": "f32" if self.config.kv_f32 else "f16",
-            "parallel": self.config.parallel,
+            "parallel": self.config.parallel, **self.offload.describe(),
             "kv_prefix_reuse": "rollback" if self.kv_rollback else "append-only (recurrent state: recompute)",
             **self.cpu_repack.describe(),
         }

@@ -35,6 +35,15 @@ def decode_error(rc: int, cleared: bool) -> Exception:
     return EngineError(f"llama_decode failed with code {rc}" + ("; the KV cache was cleared" if cleared else ""))
 
 
+def flash_attn_default(requested: Optional[bool]) -> bool:
+    """Flash attention only when asked for, on every backend (CPU, Vulkan, CUDA, Metal). Its kernels split the
+    attention over the KV window (ggml-vulkan by the device's core count and the KV length), and a step that reuses
+    cached cells can see another split than the same prompt evaluated from an empty cache, so the logits differ in
+    the last bits (measured on CPU): ECSO's guarantee that reuse equals recomputation holds only with it off. Never
+    llama.cpp's "auto", which turns it on for GPU devices and leaves the recorded setting unknown."""
+    return bool(requested)
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0  # 0: greedy
@@ -120,6 +129,7 @@ class LlamaContext:
         # Width of one image-embedding row: the hidden size, or more where the LLM takes extra per-token input
         # (Qwen3-VL: n_embd x (1 + deepstack layers)). Every copy of image embeddings uses this width.
         self.n_embd_inp = L.llama_model_n_embd_inp(self._model)
+        self.n_layer = L.llama_model_n_layer(self._model)
         # Whether a cached prefix can be cut back (`llama_memory_seq_rm` from a position on). Not for recurrent and
         # hybrid LLMs (LFM2's short convolutions, Mamba, ...): llama.cpp keeps only their latest state, so a prompt
         # that shares a prefix but differs after it is recomputed from the start (image embeddings still come from
@@ -142,9 +152,8 @@ class LlamaContext:
         cp.n_threads = cp.n_threads_batch = s.n_threads
         if cfg.kv_f32:
             cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
-        self.flash_attn = s.gpu_backend if cfg.flash_attn is None else cfg.flash_attn
-        cp.flash_attn_type = (L.LLAMA_FLASH_ATTN_TYPE_AUTO if cfg.flash_attn is None and s.gpu_backend else
-                              L.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self.flash_attn = flash_attn_default(cfg.flash_attn)
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = L.llama_init_from_model(self._model, cp)
         if not self._ctx:
             raise ModelError(f"could not create a llama.cpp context of {cfg.n_ctx} tokens (out of memory?); "

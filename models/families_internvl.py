@@ -33,8 +33,8 @@ INTERNVL_TEMPLATE = (
 INTERNVL_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img>", "<IMG_CONTEXT>",
                      "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 IMAGE_SIZE = 112  # one 112 px tile of 8 x 8 patches of 14 px; pixel shuffle 0.5 -> 16 image tokens
-TRANSFORMERS_DIR = "transformers"
-_CONVERTER_PREFIX = "model."  # the transformers-layout copy, inside the converter's folder
+TRANSFORMERS_DIR = "transformers"  # the transformers-layout copy, inside the converter's folder
+_CONVERTER_PREFIX = "model."  # tower and projector names as Intern-S1 publishes them
 
 
 def build_family_internvl(family: str, out_dir: Path, vocab_cache=None) -> FamilyCheckpoint:

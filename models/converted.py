@@ -1,7 +1,8 @@
 """Tiny families converted by llama.cpp's own converter, built and converted once per machine.
 
 The builders live in `ecso.models.families` (Qwen2-VL, Qwen2.5-VL, Gemma 3, SmolVLM) and
-`ecso.models.families_2025` (Qwen3-VL, Mistral 3, LFM2-VL, GLM-4.1V, ...); this module turns either's checkpoint
+`ecso.models.families_2025` (Qwen3-VL, Mistral 3, LFM2-VL, GLM-4.1V, ...) and `ecso.models.families_internvl`
+(InternVL); this module turns either's checkpoint
 into a GGUF + mmproj pair with the pinned converter and caches the pair (and quantized LLMs) per machine.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ecso.export.llamacpp_convert import SDIST_SHA256, convert, converter_dir, machine_cache_root
-from ecso.models import families, families_2025
+from ecso.models import families, families_2025, families_internvl
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,19 @@ class ConvertedFamily:
 def converted_family(family: str, cache: Path | None = None, vocab_cache=None) -> ConvertedFamily:
     """Builds and converts a tiny family once per machine: cached under a key made of the builder module's source
     hash and the converter's sdist sha256, so a change to either rebuilds it (atomic: a half-made folder is never
-    used). The families of `ecso.models.families_2025` are cached in their own folder under their own key."""
+    used). The families of `ecso.models.families_2025` and InternVL are each cached in their own folder under their
+own key."""
     root = Path(cache) if cache else machine_cache_root()
     if family in families.FAMILIES:
         return _converted(family, root / "tiny-families", f"{families.builder_fingerprint()}-{SDIST_SHA256[:12]}",
                           families.build_family, vocab_cache)
+    if family == "internvl":  # its own folder and key: a change to it rebuilds no other family
+        return _converted(family, root / "tiny-families-internvl",
+                          f"{families_internvl.builder_fingerprint()}-{SDIST_SHA256[:12]}",
+                          families_internvl.build_family_internvl, vocab_cache)
     if family not in families_2025.FAMILIES_2025:
         raise ValueError(f"unknown tiny family {family!r}; known: "
-                         f"{', '.join(families.FAMILIES + families_2025.FAMILIES_2025)}")
+                         f"{', '.join(families.FAMILIES + families_2025.FAMILIES_2025 + ('internvl',))}")
     return _converted(family, root / "tiny-families-2025", f"{families_2025.builder_fingerprint()}-{SDIST_SHA256[:12]}",
                       families_2025.build_family_2025, vocab_cache)
 

@@ -334,3 +334,14 @@ def test_ecso_run_on_the_export_folder_runs_all_four_steps(next_siglip, wide_png
 def test_batched_requests_match_the_same_requests_run_alone(next_siglip, siglip_engine, wide_png, street_png):
     """run_many decodes the 5-chunk block on sequences 1..N: each request equals the request run alone (f32)."""
     assert_batched_matches_alone(siglip_engine, next_siglip.llm, next_siglip.mmproj, wide_png, street_png)
+
+
+def test_q8_0_llava_next_export_runs_the_four_steps_with_reuse_bit_exact(next_siglip, wide_png, tmp_path):
+    """`ecso export llava --outtype q8_0` on the tiny LLaVA-1.6 (anyres tiles; the mmproj stays f32): the four steps
+    in a child process, reuse == no reuse, one image encode against three."""
+    from test_families_2025 import _assert_q8_reuse_exact
+
+    from ecso.export.llava_gguf import export_llava
+
+    r = export_llava(next_siglip.hf, tmp_path / "q8", outtype="q8_0")
+    _assert_q8_reuse_exact(r.llm, r.mmproj, wide_png)

@@ -251,7 +251,8 @@ def test_a_tiny_converted_family_runs_the_four_steps_on_llama_server(street_png,
     an image fewer positions than tokens, and the server counts tokens; the template layouts differ too (the engine
     puts the image in the family's own `<|vision_start|>` slot, llama-server flattens an image + text turn to
     `image \\n text` for the template), so texts are not expected to match here."""
-    from ecso.models.families import converted_family, smollm2_vocab
+    from ecso.models.converted import converted_family
+    from ecso.models.families import smollm2_vocab
     from ecso.runtime import Engine, EngineConfig
 
     family = converted_family("qwen2vl", vocab_cache=smollm2_vocab())

@@ -52,7 +52,8 @@ def model_files(name: str) -> tuple[Path, Path]:
         e = resolve("demo")
         return Path(e.model), Path(e.mmproj)
     if name in ("qwen2vl", "gemma3"):
-        from ecso.models.families import converted_family, smollm2_vocab
+        from ecso.models.converted import converted_family
+        from ecso.models.families import smollm2_vocab
 
         c = converted_family(name, vocab_cache=smollm2_vocab())
         return c.llm, c.mmproj

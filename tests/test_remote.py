@@ -80,6 +80,43 @@ def test_cache_off_renders_the_engines_prompts_and_matches_its_greedy_steps(serv
               f"answers share their first {common} characters: {a[:common]!r}")
 
 
+@pytest.fixture(scope="module")
+def fa_server(demo_files, tmp_path_factory):
+    """llama-server on the demo model with flash attention on (`-fa on`), one slot."""
+    log = tmp_path_factory.mktemp("llama-server-fa") / "server.log"
+    with LlamaServer(demo_files[0], demo_files[1], slots=1, n_ctx=2048, extra=("-fa", "on"), log_path=log) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def fa_engine(demo_files):
+    from ecso.runtime import Engine, EngineConfig
+
+    eng = Engine(EngineConfig(model=demo_files[0], mmproj=demo_files[1], n_ctx=2048, flash_attn=True))
+    yield eng
+    eng.close()
+
+
+def test_cache_off_with_flash_attention_on_both_sides_gives_the_engines_greedy_steps_exactly(
+        fa_server, fa_engine, street_png):
+    """With flash attention on in the engine and the server, llama.cpp's attention gives a row the same bits
+    whether it is decoded alone or in a batch, so the engine's one-token decode before the image no longer differs
+    from the server's batch: every step's greedy text and the verdict are identical with the cache off (the
+    judge's reply up to where the engine stops it: at the verdict, while the server writes the reply whole)."""
+    opts = options(judge="paper", reuse=False, max_tokens=16, caption_max_tokens=16)
+    for query in QUERIES:
+        local = run(fa_engine, street_png, query, opts)
+        far = run(remote(fa_server), street_png, query, opts)
+        assert [s.prompt_positions for s in far.steps] == [s.prompt_positions for s in local.steps]
+        assert [s.name for s in far.steps] == [s.name for s in local.steps]
+        for f, l in zip(far.steps, local.steps):
+            if f.name == "judge":  # the engine stops its paper judge at the verdict, the server writes it whole
+                assert f.text.startswith(l.text) and l.text, (query, f.text, l.text)
+            else:
+                assert f.text == l.text, (query, f.name, f.text, l.text)
+        assert far.unsafe == local.unsafe and far.answer == local.answer
+
+
 def greedy_with_logprobs(engine, prompt, n: int) -> tuple[list[int], list[np.ndarray]]:
     """The engine's greedy tokens for a prepared prompt and the full log-softmax at every step."""
     ids, logprobs = [], []

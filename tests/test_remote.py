@@ -149,7 +149,8 @@ def test_cache_off_step1_divergence_comes_from_the_engines_one_token_decode_befo
     token; llama-server decodes the same 24 tokens as one batch. llama.cpp's CPU code gives a row other bits
     alone than in a batch (ggml/src/ggml-cpu/llamafile/sgemm.cpp: llamafile_sgemm returns early for n < 2, so
     one row goes through ggml_vec_dot_* and more through tinyBLAS, summing in another order; measured here: that
-    newline's logits move by up to 0.33 alone against in the batch), and every later token reads its K/V. Decoded as the server does, the engine gives the server's greedy tokens exactly and
+    newline's logits move by up to 0.33 alone against in the batch, by 0 with flash attention on or an f32 KV
+    cache), and every later token reads its K/V. Decoded as the server does, the engine gives the server's greedy tokens exactly and
     its logprobs to 1e-3; as it is, it agrees until a near tie."""
     n = 10
     backend = RemoteBackend(remote(server), street_png, QUERIES[0], [], EcsoOptions(reuse=False))

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import run_python
 from support.family_checks import (QUERY, assert_batched_matches_alone, assert_judges_reuse_exactly,
-                                   assert_text_logits_match)
+                                   assert_text_logits_match, converted_families, exact_engines, wide_image)
 from support.family_checks import run_forced_unsafe as _run
 
 FAMILIES = ("qwen2vl", "qwen25vl", "gemma3", "smolvlm")
@@ -35,34 +35,19 @@ def converter():
 @pytest.fixture(scope="session")
 def families(converter):
     """Every tiny family converted with the pinned converter (built once per machine, then cached)."""
-    from ecso.models.converted import converted_family
-    from ecso.models.families import smollm2_vocab
-
-    vocab = smollm2_vocab()
-    return {f: converted_family(f, vocab_cache=vocab) for f in FAMILIES}
+    return converted_families(FAMILIES)
 
 
 @pytest.fixture(scope="session")
 def engines(families):
     """One exact-arithmetic engine per family (f32 KV, flash attention off), shared by the session."""
-    from ecso.runtime import Engine, EngineConfig
-
-    out = {f: Engine(EngineConfig(model=str(c.llm), mmproj=str(c.mmproj), n_ctx=2048, kv_f32=True,
-                                  flash_attn=False)) for f, c in families.items()}
-    yield out
-    for e in out.values():
-        e.close()
+    yield from exact_engines(families)
 
 
 @pytest.fixture(scope="session")
 def wide_png(tmp_path_factory) -> Path:
     """A non-square image (160x90): Qwen's grid is not square, SmolVLM splits it into tiles."""
-    from PIL import Image
-
-    rgb = (np.random.default_rng(1).random((90, 160, 3)) * 255).astype("uint8")
-    path = tmp_path_factory.mktemp("img") / "wide.png"
-    Image.fromarray(rgb).save(path)
-    return path
+    return wide_image(tmp_path_factory)
 
 
 def test_converter_is_the_pinned_sdist_unpacked_once(converter):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support.family_checks import QUERY
+from support.family_checks import QUERY, converted_families, exact_engines, wide_image
 from support.family_checks import run_forced_unsafe as _run
 
 PASSING = ("qwen3vl", "mistral3", "lfm2vl", "glm4v")  # every proof below
@@ -19,34 +19,19 @@ FAMILIES = PASSING
 
 @pytest.fixture(scope="session")
 def families():
-    from ecso.models.converted import converted_family
-    from ecso.models.families import smollm2_vocab
-
-    vocab = smollm2_vocab()
-    return {f: converted_family(f, vocab_cache=vocab) for f in FAMILIES}
+    return converted_families(FAMILIES)
 
 
 @pytest.fixture(scope="session")
 def engines(families):
     """One exact-arithmetic engine per family (f32 KV, flash attention off), shared by the session."""
-    from ecso.runtime import Engine, EngineConfig
-
-    out = {f: Engine(EngineConfig(model=str(c.llm), mmproj=str(c.mmproj), n_ctx=2048, kv_f32=True,
-                                  flash_attn=False)) for f, c in families.items()}
-    yield out
-    for e in out.values():
-        e.close()
+    yield from exact_engines(families)
 
 
 @pytest.fixture(scope="session")
 def wide_png(tmp_path_factory) -> Path:
     """A non-square image (160x90)."""
-    from PIL import Image
-
-    rgb = (np.random.default_rng(1).random((90, 160, 3)) * 255).astype("uint8")
-    path = tmp_path_factory.mktemp("img") / "wide.png"
-    Image.fromarray(rgb).save(path)
-    return path
+    return wide_image(tmp_path_factory)
 
 
 def _gguf_value(path: Path, key: str):

@@ -75,3 +75,34 @@ def assert_batched_matches_alone(engine, llm: Path, mmproj: Path, wide_png: Path
         assert [s.text for s in b.steps] == [s.text for s in a.steps]
         assert b.judge_score == pytest.approx(a.judge_score, abs=1e-4)
     assert sum(b.image_encodes for b in together) == 2  # two images: each encoded once, whichever request asked
+
+
+def converted_families(names) -> dict:
+    """The tiny families `names`, converted once per machine by the pinned converter (then cached)."""
+    from ecso.models.converted import converted_family
+    from ecso.models.families import smollm2_vocab
+
+    vocab = smollm2_vocab()
+    return {f: converted_family(f, vocab_cache=vocab) for f in names}
+
+
+def exact_engines(families: dict):
+    """One exact-arithmetic engine per family (f32 KV, flash attention off), closed when the generator ends."""
+    from ecso.runtime import Engine, EngineConfig
+
+    out = {f: Engine(EngineConfig(model=str(c.llm), mmproj=str(c.mmproj), n_ctx=2048, kv_f32=True,
+                                  flash_attn=False)) for f, c in families.items()}
+    yield out
+    for e in out.values():
+        e.close()
+
+
+def wide_image(tmp_path_factory) -> Path:
+    """A non-square random image (160x90), the same pixels in every test file that uses it."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = (np.random.default_rng(1).random((90, 160, 3)) * 255).astype("uint8")
+    path = tmp_path_factory.mktemp("img") / "wide.png"
+    Image.fromarray(rgb).save(path)
+    return path

@@ -10,6 +10,7 @@ import pytest
 
 from ecso.runtime import ContextOverflowError, EcsoOptions, Engine, EngineConfig, InputError, run, stream
 from ecso.runtime.prompts import cap_prompt, gen_prompt, is_unsafe_reply, tell_prompt
+from support.observed import evaluated_per_step
 
 ALWAYS_UNSAFE = dict(judge="logit", logit_threshold=0.0)
 NEVER_UNSAFE = dict(judge="logit", logit_threshold=1.01)
@@ -19,26 +20,7 @@ QUERY = "What is shown in this picture?"
 
 def _recorded_run(engine, image, query, opts):
     """Runs ECSO and records, per step, the text tokens and image positions llama.cpp actually evaluated."""
-    current = {"step": None}
-    seen: dict[str, dict] = {}
-
-    def on_event(ev):
-        if ev.kind == "step_start":
-            current["step"] = ev.step
-            seen[ev.step] = {"tokens": [], "image_positions": 0}
-
-    def observer(kind, what, pos):
-        rec = seen.setdefault(current["step"], {"tokens": [], "image_positions": 0})
-        if kind == "text":
-            rec["tokens"].extend(what)
-        else:
-            rec["image_positions"] += what
-
-    engine.observer = observer
-    try:
-        result = run(engine, image, query, opts, on_event)
-    finally:
-        engine.observer = None
+    result, seen = evaluated_per_step(engine, lambda on_event: run(engine, image, query, opts, on_event))
     text = {k: engine.detokenize(v["tokens"]) for k, v in seen.items()}
     return result, text, seen
 

@@ -20,6 +20,7 @@ from ecso.eval.run_config import EvalConfig
 from ecso.eval.samples import Sample
 from ecso.runtime import EcsoOptions, EngineConfig, run
 from ecso.runtime.prompts import gen_prompt
+from support.observed import evaluated_per_step
 
 FAST = ("--ctx", "4096", "--no-progress")
 SMALL = dict(max_tokens=12, caption_max_tokens=12, judge_max_tokens=4)
@@ -29,26 +30,7 @@ STEPS = ("answer", "judge", "caption", "regenerate")
 def _evaluated_text(engine, fn):
     """Runs fn() with the engine's observer on: per ECSO step (from on_event), the text llama.cpp evaluated and
     the image positions it decoded."""
-    current = {"step": None}
-    seen: dict = {}
-
-    def on_event(ev):
-        if ev.kind == "step_start":
-            current["step"] = ev.step
-            seen[ev.step] = {"tokens": [], "image_positions": 0}
-
-    def observer(kind, what, pos):
-        rec = seen.setdefault(current["step"], {"tokens": [], "image_positions": 0})
-        if kind == "text":
-            rec["tokens"].extend(what)
-        else:
-            rec["image_positions"] += what
-
-    engine.observer = observer
-    try:
-        result = fn(on_event)
-    finally:
-        engine.observer = None
+    result, seen = evaluated_per_step(engine, fn)
     return result, {k: (engine.detokenize(v["tokens"]), v["image_positions"]) for k, v in seen.items()}
 
 

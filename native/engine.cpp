@@ -78,6 +78,61 @@ GgufFacts gguf_facts(const std::string &path, const std::string &role) {
     return f;
 }
 
+// The f32 / f16 tensor `name` of a GGUF file as f32 values; empty when the file has none (or stores it otherwise).
+std::vector<float> gguf_tensor_f32(const std::string &path, const char *name) {
+    gguf_init_params p{true, nullptr};
+    gguf_context *g = gguf_init_from_file(path.c_str(), p);
+    if (!g) return {};
+    std::vector<float> out;
+    int64_t t = gguf_find_tensor(g, name);
+    ggml_type type = t >= 0 ? gguf_get_tensor_type(g, t) : GGML_TYPE_COUNT;
+    if (type == GGML_TYPE_F32 || type == GGML_TYPE_F16) {
+        size_t bytes = gguf_get_tensor_size(g, t);
+        size_t n = bytes / (type == GGML_TYPE_F32 ? sizeof(float) : sizeof(ggml_fp16_t));
+        std::vector<char> raw(bytes);
+        std::ifstream f(path, std::ios::binary);
+        f.seekg((std::streamoff)(gguf_get_data_offset(g) + gguf_get_tensor_offset(g, t)));
+        f.read(raw.data(), (std::streamsize)bytes);
+        if ((size_t)f.gcount() == bytes) {
+            out.resize(n);
+            for (size_t i = 0; i < n; ++i)
+                out[i] = type == GGML_TYPE_F32 ? reinterpret_cast<const float *>(raw.data())[i]
+                                               : ggml_fp16_to_fp32(reinterpret_cast<const ggml_fp16_t *>(raw.data())[i]);
+        }
+    }
+    gguf_free(g);
+    return out;
+}
+
+bool all_finite(const float *p, size_t n) {
+    for (size_t i = 0; i < n; ++i)
+        if (!std::isfinite(p[i])) return false;
+    return true;
+}
+
+// Restores Pixtral's [IMG_BREAK] rows where llama.cpp left them NaN. The pinned llama.cpp makes each break row as
+// `0 * t + img_break` with `t` a never-written tensor, so NaN / inf bits left in that memory by an earlier graph
+// survive the "clearing". A correct break row is exactly img_break; the n tokens are p_y rows of (p_x + 1) minus one
+// break, so the rows that are img_break or non-finite must be the (k * (p_x + 1) - 1)-th. Only then are the
+// non-finite ones replaced; anything else is left for the caller to refuse.
+void repair_break_rows(float *rows, size_t n_rows, const std::vector<float> &brk) {
+    const size_t w = brk.size();
+    std::vector<size_t> idx;
+    std::vector<bool> bad(n_rows);
+    for (size_t r = 0; r < n_rows; ++r) {
+        const float *row = rows + r * w;
+        bad[r] = !all_finite(row, w);
+        if (bad[r] || std::memcmp(row, brk.data(), w * sizeof(float)) == 0) idx.push_back(r);
+    }
+    if (idx.empty()) return;
+    const size_t period = idx[0] + 1;
+    if (period < 2 || (n_rows + 1) % period != 0 || idx.size() != (n_rows + 1) / period - 1) return;
+    for (size_t k = 0; k < idx.size(); ++k)
+        if (idx[k] != (k + 1) * period - 1) return;
+    for (size_t r : idx)
+        if (bad[r]) std::memcpy(rows + r * w, brk.data(), w * sizeof(float));
+}
+
 std::string fnv_hex(const void *data, size_t n, uint64_t h = 1469598103934665603ULL) {
     const auto *p = static_cast<const uint8_t *>(data);
     for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ULL;
@@ -215,6 +270,8 @@ void Engine::load() {
             throw model_error("llama.cpp could not load the mmproj " + cfg.mmproj + " with this model (corrupt file, "
                               "or a projector made for another model); set verbose for details");
         if (!mtmd_support_vision(mctx_)) throw model_error(cfg.mmproj + " has no vision encoder");
+        // Pixtral / Mistral 3: the [IMG_BREAK] embedding, to restore break rows llama.cpp can leave NaN
+        break_row_ = gguf_tensor_f32(cfg.mmproj, "v.token_embd.img_break");
     }
     // texts of control / user-defined tokens (e.g. <|im_end|>, </s>): user and model text must not forge them
     std::set<std::string> specials{media_marker()};
@@ -409,6 +466,14 @@ std::vector<std::vector<float>> Engine::encode(const ImageEntry &entry) {
         if (rc != 0) throw engine_error("the vision encoder failed (mtmd_encode_chunk=" + std::to_string(rc) + ")");
         const float *p = mtmd_get_output_embd(mctx_);
         out.emplace_back(p, p + (size_t)part.n_tokens * n_embd_inp_);
+        std::vector<float> &rows = out.back();
+        if (!all_finite(rows.data(), rows.size())) {
+            if (!break_row_.empty() && (int32_t)break_row_.size() == n_embd_inp_)
+                repair_break_rows(rows.data(), (size_t)part.n_tokens, break_row_);
+            if (!all_finite(rows.data(), rows.size()))
+                throw engine_error("the vision encoder returned non-finite image embeddings (NaN or inf); the mmproj "
+                                   "file is broken or does not fit this model; re-export it or use the model's own");
+        }
     }
     return out;
 }

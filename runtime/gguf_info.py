@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+import numpy as np
 
 from ecso.runtime.errors import ModelError
 
@@ -21,7 +23,8 @@ _STRING, _ARRAY = 8, 9
 _WANTED = ("general.architecture", "general.name", "general.file_type", "tokenizer.chat_template",
            "tokenizer.ggml.model", "tokenizer.ggml.add_space_prefix",
            "clip.has_vision_encoder", "clip.projector_type", "clip.vision.projection_dim",
-           "clip.vision.image_size", "clip.vision.patch_size")
+           "clip.vision.image_size", "clip.vision.patch_size", "general.alignment")
+_F32, _F16 = 0, 1  # ggml tensor types read_gguf_tensor can return
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class GGUFInfo:
     version: int
     n_tensors: int
     meta: dict[str, Any]
+    # tensor name -> (dims, ggml type, offset in the data section); filled only when the tensor table was read
+    tensors: dict[str, tuple] = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:
@@ -44,6 +49,32 @@ class GGUFInfo:
 
 def read_gguf_info(path: str | os.PathLike, role: str = "model") -> GGUFInfo:
     """Parses the GGUF header and metadata (not the tensors); raises ModelError with a plain reason."""
+    return _read_gguf(path, role)[0]
+
+
+def read_gguf_tensor(path: str | os.PathLike, name: str, role: str = "mmproj") -> Optional[np.ndarray]:
+    """The f32 or f16 tensor `name` of a GGUF file as flat f32 values, or None when the file has no such tensor
+    (or stores it quantized). Reads only the header, the tensor table and that tensor's bytes."""
+    info, f_end = _read_gguf(path, role, tensor_table=True)
+    if name not in info.tensors:
+        return None
+    dims, ggml_type, offset = info.tensors[name]
+    if ggml_type not in (_F32, _F16):
+        return None
+    count = int(np.prod(dims)) if dims else 1
+    dtype = np.float32 if ggml_type == _F32 else np.float16
+    align = int(info.meta.get("general.alignment", 32) or 32)
+    data_start = -(-f_end // align) * align
+    with open(path, "rb") as f:
+        f.seek(data_start + offset)
+        raw = f.read(count * np.dtype(dtype).itemsize)
+    if len(raw) != count * np.dtype(dtype).itemsize:
+        raise ModelError(f"{path} is truncated (tensor {name} ends past the file); re-download or re-export it")
+    return np.frombuffer(raw, dtype=dtype).astype(np.float32)
+
+
+def _read_gguf(path: str | os.PathLike, role: str, tensor_table: bool = False) -> tuple[GGUFInfo, int]:
+    """(info, file offset where the header ends); with tensor_table, info.tensors is filled."""
     p = Path(path)
     if not p.exists():
         raise ModelError(f"{role} file not found: {p}")
@@ -51,6 +82,7 @@ def read_gguf_info(path: str | os.PathLike, role: str = "model") -> GGUFInfo:
         raise ModelError(f"{role} path is not a file: {p}")
     size = p.stat().st_size
     meta: dict[str, Any] = {}
+    table: dict[str, tuple] = {}
     try:
         with open(p, "rb") as f:
             head = f.read(24)
@@ -94,6 +126,16 @@ def read_gguf_info(path: str | os.PathLike, role: str = "model") -> GGUFInfo:
                 val = read_value(t)
                 if key in _WANTED or key.endswith((".embedding_length", ".context_length", ".block_count")):
                     meta[key] = val
+            if tensor_table:
+                for _ in range(n_tensors):
+                    name = read_str()
+                    (n_dims,) = struct.unpack("<I", read(4))
+                    if n_dims > 8:
+                        raise ModelError(f"{p}: corrupt GGUF tensor table ({name}: {n_dims} dimensions)")
+                    dims = struct.unpack(f"<{n_dims}Q", read(8 * n_dims))
+                    ggml_type, offset = struct.unpack("<IQ", read(12))
+                    table[name] = (dims, ggml_type, offset)
+            end = f.tell()
     except EOFError:
         raise ModelError(f"{p} is truncated (GGUF metadata ends early); re-download or re-export it") from None
-    return GGUFInfo(str(p), version, n_tensors, meta)
+    return GGUFInfo(str(p), version, n_tensors, meta, table), end

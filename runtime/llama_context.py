@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ecso.runtime.errors import ContextOverflowError, EngineError, InputError, ModelError
-from ecso.runtime.gguf_info import GGUFInfo
+from ecso.runtime.gguf_info import GGUFInfo, read_gguf_tensor
 from ecso.runtime.images import CachedEmbedding, LoadedImage
 from ecso.runtime.media import ImageChunk, MediaBlock, encode_block, tokenize_image
 from ecso.runtime.vocab import Vocab, space_prefix_override
@@ -162,6 +162,7 @@ class LlamaContext:
         self.n_batch = cp.n_batch
         self._mem = L.llama_get_memory(self._ctx)
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self._break_row: Optional[np.ndarray] = None
         if cfg.mmproj:
             p = M.mtmd_context_params_default()
             p.use_gpu = bool(cfg.mmproj_gpu and s.gpu_backend)
@@ -179,6 +180,8 @@ class LlamaContext:
                                  "run with -v for llama.cpp's reason")
             if not M.mtmd_support_vision(self._mctx):
                 raise ModelError(f"{cfg.mmproj} has no vision encoder")
+            # Pixtral / Mistral 3: the [IMG_BREAK] embedding, to restore break rows llama.cpp can leave NaN
+            self._break_row = read_gguf_tensor(cfg.mmproj, "v.token_embd.img_break")
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     @property
@@ -219,7 +222,7 @@ class LlamaContext:
     def encode(self, block: MediaBlock) -> list[np.ndarray]:
         """Every image chunk of the block through the vision encoder (one array per tile, `n_embd_inp` floats per
         image token)."""
-        return encode_block(self._M, self._mctx, block, self.n_embd_inp)
+        return encode_block(self._M, self._mctx, block, self.n_embd_inp, self._break_row)
 
     def decode_image(self, seq: int, entry: CachedEmbedding, embd: list[np.ndarray], pos: int,
                      on_text: Optional[Callable[[Sequence[int], int], None]] = None) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -95,18 +95,52 @@ def tokenize_image(M, mctx, image: LoadedImage) -> MediaBlock:
     return block
 
 
-def encode_block(M, mctx, block: MediaBlock, n_embd_inp: int) -> list[np.ndarray]:
+def encode_block(M, mctx, block: MediaBlock, n_embd_inp: int,
+                 break_row: Optional[np.ndarray] = None) -> list[np.ndarray]:
     """Runs the vision encoder on every image chunk of the block (SmolVLM: each tile); one array per chunk.
 
     Each image token is a row of `n_embd_inp` floats (`llama_model_n_embd_inp`), which is what mtmd writes and what
     `mtmd_helper_decode_image_chunk` reads back. It equals the hidden size for most families, but Qwen3-VL's rows
     also carry its deepstack features: n_embd x (1 + deepstack layers). Copying only n_embd per token would hand
-    llama.cpp a buffer it reads past the end of."""
+    llama.cpp a buffer it reads past the end of.
+
+    `break_row`: the mmproj's [IMG_BREAK] embedding (Pixtral / Mistral 3), used by `repair_break_rows`. Any other
+    non-finite value is refused: it would decode into a silently wrong answer."""
     out = []
     for img in block.images:
         rc = M.mtmd_encode_chunk(mctx, img.ptr)
         if rc != 0:
             raise EngineError(f"the vision encoder failed (mtmd_encode_chunk={rc})")
         ptr = M.mtmd_get_output_embd(mctx)
-        out.append(np.ctypeslib.as_array(ptr, shape=(img.n_tokens * n_embd_inp,)).copy())
+        rows = np.ctypeslib.as_array(ptr, shape=(img.n_tokens * n_embd_inp,)).copy()
+        if not np.isfinite(rows).all():
+            if break_row is not None:
+                repair_break_rows(rows.reshape(img.n_tokens, n_embd_inp), break_row)
+            if not np.isfinite(rows).all():
+                raise EngineError("the vision encoder returned non-finite image embeddings (NaN or inf); the mmproj "
+                                  "file is broken or does not fit this model; re-export it or use the model's own")
+        out.append(rows)
     return out
+
+
+def repair_break_rows(rows: np.ndarray, break_row: np.ndarray) -> None:
+    """Restores Pixtral's [IMG_BREAK] rows in place where llama.cpp left them NaN.
+
+    The pinned llama.cpp's Pixtral graph makes each break row as `0 * t + img_break`, with `t` a fresh, never
+    written tensor: "clearing" by scaling leaves NaN wherever that memory held NaN or inf bits from an earlier
+    graph (seen here with a Mistral 3 encoder run after a Qwen3-VL one in the same process). A correct break row is
+    exactly `img_break`. Break rows end each row of patches but the last, so the n tokens are p_y rows of
+    (p_x + 1) minus one: the rows that are exactly `img_break` or non-finite must be the (k * (p_x + 1) - 1)-th.
+    Only then are the non-finite ones replaced; anything else is left for the caller to refuse."""
+    n = rows.shape[0]
+    if rows.shape[1] != break_row.shape[0]:
+        return
+    bad = ~np.isfinite(rows).all(axis=1)
+    idx = np.flatnonzero(bad | (rows == break_row).all(axis=1))
+    if not len(idx):
+        return
+    period = int(idx[0]) + 1
+    expected = np.arange(period - 1, n, period)
+    if period < 2 or (n + 1) % period or not np.array_equal(idx, expected):
+        return
+    rows[bad] = break_row

@@ -6,7 +6,7 @@
 #   bench/gpu_check.sh                         # CUDA (needs nvcc), report in gpu-report.json
 #   bench/gpu_check.sh --backend vulkan        # Vulkan (on a machine with no GPU: Mesa lavapipe, not GPU timings)
 #   bench/gpu_check.sh --backend metal --out m.json
-#   bench/gpu_check.sh --quick                 # short answers and few rounds (a check that it all runs)
+#   bench/gpu_check.sh --quick                 # short answers, few rounds, the tier without its demo-model tests
 #
 # Attach the JSON to a report. The device is chosen by the backend's own variable (CUDA_VISIBLE_DEVICES,
 # GGML_VK_VISIBLE_DEVICES; Vulkan defaults to device 0 here).
@@ -32,8 +32,9 @@ if [ "$backend" = vulkan ]; then export GGML_VK_VISIBLE_DEVICES="${GGML_VK_VISIB
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 if [ "$quick" = 1 ]; then
-    bench_args=(--repeats 1 --max-tokens 8); par_args=(--requests 4 --max-tokens 8)
+    bench_args=(--repeats 1 --max-tokens 8); par_args=(--requests 4 --max-tokens 8); tier_args=(--quick)
 else
+    tier_args=()
     bench_args=(--repeats 3 --max-tokens 64); par_args=(--requests 16 --max-tokens 64)
 fi
 
@@ -44,7 +45,7 @@ py=$(.ci/gpu-tier --backend "$backend" --print-python)
 
 t0=$SECONDS
 set +e
-.ci/gpu-tier --backend "$backend" -- --junitxml="$work/tier.xml" 2>&1 | tee "$work/tier.log"
+.ci/gpu-tier --backend "$backend" "${tier_args[@]}" -- --junitxml="$work/tier.xml" 2>&1 | tee "$work/tier.log"
 tier_rc=${PIPESTATUS[0]}
 set -e
 tier_s=$((SECONDS - t0))

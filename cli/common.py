@@ -21,7 +21,7 @@ def model_options(f: Callable) -> Callable:
                      "--model is a name."),
         click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context size in tokens."),
         click.option("--n-gpu-layers", "-ngl", type=int, default=-1, show_default=True,
-                     help="Layers to offload to the GPU; -1 = all when llama.cpp was built with CUDA/Metal, else 0."),
+                     help="Layers to offload to the GPU; -1 = all when llama.cpp was built with CUDA/Metal/Vulkan, else 0."),
         click.option("--no-mmproj-gpu", is_flag=True, help="Run the vision encoder on the CPU even with a GPU."),
         click.option("--threads", type=int, default=None, help="CPU threads (default: all cores)."),
         click.option("--flash-attn/--no-flash-attn", default=None, help="Force flash attention on/off "

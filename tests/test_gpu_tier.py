@@ -229,6 +229,7 @@ def demo_on_device(files):
         yield e
 
 
+@pytest.mark.gpu_demo
 def test_demo_model_four_steps_on_the_device_with_the_defaults_reuse_is_bit_exact(demo_on_device, street_png):
     e = demo_on_device
     d = e.describe()
@@ -238,3 +239,26 @@ def test_demo_model_four_steps_on_the_device_with_the_defaults_reuse_is_bit_exac
     assert [s.name for s in a.steps] == STEP_NAMES
     assert _steps(a) == _steps(b) and a.judge_score == b.judge_score
     assert (a.image_encodes, b.image_encodes) == (1, 3)
+
+
+def test_doctor_lists_the_device_and_ecso_run_answers_with_every_layer_offloaded(device, street_png):
+    """What a user checks after the Vulkan install: `ecso doctor` shows the device and the demo model's offload, and
+    `ecso-run -ngl -1` answers with every layer and the projector on it (recorded in the result's engine)."""
+    import subprocess
+    import sys
+
+    doctor = subprocess.run([sys.executable, "-m", "ecso.cli.main", "doctor", "--json", "--no-smoke"],
+                            capture_output=True, text=True, timeout=600)
+    assert doctor.returncode == 0, doctor.stderr[-2000:]
+    report = json.loads(doctor.stdout)
+    names = {d["name"] for d in report["devices"] if d["type"] != "cpu"}
+    assert {d.name for d in device} <= names and report["gpu_offload"] is True
+    done, total = map(int, report["offload"]["layers_offloaded"].split("/"))
+    assert done == total > 1
+    run = subprocess.run(["ecso-run", "-ngl", "-1", "--image", str(street_png),
+                          "--max-tokens", "4", "--json", "What is in the picture?"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    engine = json.loads(run.stdout)["engine"]
+    assert engine["layers_offloaded"] == f"{total}/{total}" and engine["mmproj_gpu"] and engine["gpu_backend"]
+    assert engine["devices"]

@@ -34,13 +34,6 @@ def wide_png(tmp_path_factory) -> Path:
     return wide_image(tmp_path_factory)
 
 
-def _gguf_value(path: Path, key: str):
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(path)).fields[key]
-    return [field.parts[i].tolist() for i in field.data]
-
-
 def test_qwen3vl_image_rows_are_n_embd_inp_wide_with_its_deepstack_features(families, engines, street_png):
     """Qwen3-VL's projector emits n_embd x (1 + deepstack layers) floats per image token (the main embedding, then
     one slice per deepstack layer, added to the hidden state of the first LLM layers). The engine must copy, cache
@@ -49,8 +42,8 @@ def test_qwen3vl_image_rows_are_n_embd_inp_wide_with_its_deepstack_features(fami
     from ecso.runtime.prompts import Message
 
     c, e = families["qwen3vl"], engines["qwen3vl"]
-    deepstack = sum(bool(v[0]) for v in _gguf_value(c.mmproj, "clip.vision.is_deepstack_layers"))
-    (proj_dim,) = _gguf_value(c.mmproj, "clip.vision.projection_dim")[0]
+    deepstack = sum(bool(v[0]) for v in gguf_value(c.mmproj, "clip.vision.is_deepstack_layers"))
+    (proj_dim,) = gguf_value(c.mmproj, "clip.vision.projection_dim")[0]
     assert (deepstack, proj_dim, e.n_embd) == (2, 64, 64)
     assert e.n_embd_inp == e.n_embd * (1 + deepstack)
     prompt, _ = e.build_prompt([Message("user", QUERY)], e.load_image(street_png))
@@ -80,7 +73,7 @@ LOGIT_TOL = {"qwen3vl": 2e-4, "mistral3": 2e-4, "lfm2vl": 2e-4, "glm4v": 2e-4}
 
 @pytest.mark.parametrize("family", PASSING)
 def test_converted_family_loads_with_its_projector(families, engines, family):
-    (kind,) = _gguf_value(families[family].mmproj, "clip.projector_type")
+    (kind,) = gguf_value(families[family].mmproj, "clip.projector_type")
     assert bytes(kind).decode() == PROJECTOR[family]
     e = engines[family]
     assert e.has_vision and e.chat_format.name == "gguf-template"
@@ -104,29 +97,6 @@ def test_text_logits_match_transformers(families, engines, family):
     e = engines[family]
     assert e.tokenize(text, add_special=False) == ids  # same tokenizer on both sides
     assert_text_logits_match(e, model, ids, family, LOGIT_TOL[family])
-
-
-def _image_chunks(engine, image_path: Path):
-    from ecso.runtime.prompts import Message
-
-    prompt, _ = engine.build_prompt([Message("user", QUERY)], engine.load_image(image_path))
-    return prompt, next(iter(prompt.images.values()))
-
-
-def _evaluated_ids(engine, image_path: Path, image_id: int) -> list[int]:
-    """The ids our engine evaluates for step 1, image embeddings shown as the family's image token."""
-    from ecso.runtime.kv import TextPiece
-    from ecso.runtime.media import ImageChunk
-
-    prompt, _ = _image_chunks(engine, image_path)
-    ids: list[int] = []
-    for piece in prompt.pieces:
-        if isinstance(piece, TextPiece):
-            ids += piece.tokens
-        else:
-            for part in prompt.images[piece.key].chunk.parts:
-                ids += [image_id] * part.n_tokens if isinstance(part, ImageChunk) else list(part)
-    return ids
 
 
 def _expected_ids(family: str, c, n: int) -> list[int]:
@@ -155,9 +125,9 @@ def test_step1_prompt_is_the_familys_own_template_with_the_image_in_its_place(fa
     c, e = families[family], engines[family]
     image_id = AutoTokenizer.from_pretrained(str(c.hf)).convert_tokens_to_ids(IMAGE_TOKEN[family])
     for img in (wide_png, street_png):
-        _, entry = _image_chunks(e, img)
+        _, entry = image_chunks(e, img)
         n = sum(p.n_tokens for p in entry.chunk.images)
-        ours = _evaluated_ids(e, img, image_id)
+        ours = evaluated_ids(e, img, image_id)
         assert ours == list(_expected_ids(family, c, n)), f"{family} {img.name}"
 
 
@@ -167,7 +137,7 @@ def test_pixtral_image_sizes_follow_the_image_with_a_break_row_each(engines, wid
     e = engines["mistral3"]
     sizes = []
     for img in (wide_png, street_png):
-        _, entry = _image_chunks(e, img)
+        _, entry = image_chunks(e, img)
         (chunk,) = entry.chunk.images
         sizes.append(chunk.n_tokens)
         assert chunk.n_pos == chunk.n_tokens
@@ -267,7 +237,7 @@ def test_image_embeddings_match_transformers(families, engines, tmp_path, family
     c, e = families[family], engines[family]
     path = tmp_path / "img.png"
     Image.fromarray((np.random.default_rng(3).random((size, size, 3)) * 255).astype("uint8")).save(path)
-    _, entry = _image_chunks(e, path)
+    _, entry = image_chunks(e, path)
     ours = np.concatenate(e._encode(entry)).reshape(-1, e.n_embd_inp)
     model = getattr(transformers, c.architecture).from_pretrained(str(c.hf), dtype=torch.float32).eval()
     proc_cls = transformers.Glm4vImageProcessor if family == "glm4v" else transformers.Qwen2VLImageProcessor
@@ -288,40 +258,13 @@ def test_image_embeddings_match_transformers(families, engines, tmp_path, family
 
 
 # ------------------------------------------------------------------------------------------------ quantized
-def _assert_q8_reuse_exact(llm: Path, mmproj: Path, image: Path) -> None:
-    """What users run: a q8_0 LLM GGUF, the mmproj as converted (f32 here): four steps, reuse == no reuse.
-    In a child process, one model per process as ecso-run and the server load them: in one process, a q8_0 Mistral 3
-    loaded after a q8_0 Qwen3-VL (both closed in turn, CPU repack on) answered differently than alone (empty
-    answers, reuse != no reuse); with `cpu_repack="off"` or in a fresh process it is correct (docs/families.md)."""
-    from gguf import GGMLQuantizationType, GGUFReader
-
-    from conftest import run_python
-
-    types = {t.tensor_type for t in GGUFReader(str(llm)).tensors if t.name.endswith(".attn_q.weight")}
-    assert types == {GGMLQuantizationType.Q8_0}
-    code = f"""
-import sys
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from ecso.runtime import Engine, EngineConfig
-from support.family_checks import run_forced_unsafe
-with Engine(EngineConfig(model={str(llm)!r}, mmproj={str(mmproj)!r}, n_ctx=2048)) as e:
-    a, b = run_forced_unsafe(e, {str(image)!r}, True), run_forced_unsafe(e, {str(image)!r}, False)
-assert [s.name for s in a.steps] == ["answer", "judge", "caption", "regenerate"], a.steps
-assert [s.text for s in a.steps] == [s.text for s in b.steps], ([s.text for s in a.steps], [s.text for s in b.steps])
-assert (a.image_encodes, b.image_encodes) == (1, 3)
-print("SAME", [s.text for s in a.steps])
-"""
-    r = run_python(code, timeout=300)
-    assert r.returncode == 0 and "SAME" in r.stdout, r.stderr[-800:]
-
-
 @pytest.mark.parametrize("family", PASSING + ("qwen2vl", "qwen25vl", "gemma3", "smolvlm"))
 def test_q8_0_llm_runs_the_four_steps_with_reuse_bit_exact(families, wide_png, family):
     """The converter's `--outtype q8_0` LLM, converted once per machine beside the cached f32 one."""
     from ecso.models.converted import converted_family, quantized_llm
 
     c = families[family] if family in families else converted_family(family)
-    _assert_q8_reuse_exact(quantized_llm(c, "q8_0"), c.mmproj, wide_png)
+    assert_q8_reuse_exact(quantized_llm(c, "q8_0"), c.mmproj, wide_png)
 
 
 def test_q8_0_llava_export_runs_the_four_steps_with_reuse_bit_exact(tiny_siglip, tmp_path, wide_png):
@@ -329,7 +272,7 @@ def test_q8_0_llava_export_runs_the_four_steps_with_reuse_bit_exact(tiny_siglip,
     from ecso.export.llava_gguf import export_llava
 
     r = export_llava(tiny_siglip.hf, tmp_path / "q8", outtype="q8_0")
-    _assert_q8_reuse_exact(r.llm, r.mmproj, wide_png)
+    assert_q8_reuse_exact(r.llm, r.mmproj, wide_png)
 
 
 @pytest.mark.parametrize("family", PASSING)

@@ -12,14 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support.family_checks import QUERY
+from support.family_checks import QUERY, assert_q8_reuse_exact, evaluated_ids, gguf_value, image_chunks, wide_image
 from support.family_checks import run_forced_unsafe as _run
-from test_families_2025 import wide_png  # noqa: F401  (the 160x90 image fixture)
-from test_families_2025 import _assert_q8_reuse_exact, _evaluated_ids, _gguf_value, _image_chunks
 
 FAMILY = "internvl"
 LOGIT_TOL = 2e-4  # f32 weights and KV, text-only logits (std ~1)
 EMBD_TOL = 1e-2  # f32 image embeddings (std ~1)
+
+
+@pytest.fixture(scope="session")
+def wide_png(tmp_path_factory) -> Path:
+    """A non-square image (160x90), the same pixels as the other family tests'."""
+    return wide_image(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +50,9 @@ def test_internvl_converts_from_the_opengvlab_config_and_loads_with_its_projecto
     cfg = json.loads((c.hf / "config.json").read_text())
     assert cfg["architectures"] == ["InternVLChatModel"] and "llm_config" in cfg  # OpenGVLab's shape
     assert json.loads((hf / "config.json").read_text())["architectures"] == ["InternVLForConditionalGeneration"]
-    (kind,) = _gguf_value(c.mmproj, "clip.projector_type")
+    (kind,) = gguf_value(c.mmproj, "clip.projector_type")
     assert bytes(kind).decode() == "internvl"
-    assert _gguf_value(c.mmproj, "clip.vision.projector.scale_factor") == [[2]]  # 1 / downsample_ratio 0.5
+    assert gguf_value(c.mmproj, "clip.vision.projector.scale_factor") == [[2]]  # 1 / downsample_ratio 0.5
     assert engine.has_vision and engine.chat_format.name == "gguf-template" and engine.kv_rollback
 
 
@@ -76,10 +80,10 @@ def test_step1_prompt_is_internvls_template_with_the_image_in_its_place(internvl
     c, hf = internvl
     image_id = AutoTokenizer.from_pretrained(str(hf)).convert_tokens_to_ids("<IMG_CONTEXT>")
     for img in (wide_png, street_png):
-        _, entry = _image_chunks(engine, img)
+        _, entry = image_chunks(engine, img)
         sizes = [p.n_tokens for p in entry.chunk.images]
         assert sizes == [16, 16], img.name  # the 112 px tile, then the overview
-        assert _evaluated_ids(engine, img, image_id) == _expected_ids(hf, sum(sizes)), img.name
+        assert evaluated_ids(engine, img, image_id) == _expected_ids(hf, sum(sizes)), img.name
 
 
 def test_four_steps_reuse_is_bit_exact_and_encodes_once(engine, wide_png):
@@ -141,13 +145,13 @@ def test_image_embeddings_match_transformers_with_llama_cpps_cls_position_rows(i
     rgb = (np.random.default_rng(3).random((IMAGE_SIZE, IMAGE_SIZE, 3)) * 255).astype("uint8")
     path = tmp_path / "img.png"
     Image.fromarray(rgb).save(path)
-    _, entry = _image_chunks(engine, path)
+    _, entry = image_chunks(engine, path)
     assert [p.n_tokens for p in entry.chunk.images] == [16]  # one tile's size: the overview only, no slices
     (ours,) = (e.reshape(-1, engine.n_embd) for e in engine._encode(entry))
     model = transformers.InternVLForConditionalGeneration.from_pretrained(str(hf), dtype=torch.float32).eval()
     proc = json.loads((hf / "preprocessor_config.json").read_text())
     mean, std = (np.array(proc[k], dtype=np.float32) for k in ("image_mean", "image_std"))
-    assert np.allclose(mean, [v[0] for v in _gguf_value(internvl[0].mmproj, "clip.vision.image_mean")])
+    assert np.allclose(mean, [v[0] for v in gguf_value(internvl[0].mmproj, "clip.vision.image_mean")])
     px = torch.from_numpy(((rgb.astype(np.float32) / 255 - mean) / std).transpose(2, 0, 1)[None].copy())
 
     def features():
@@ -172,7 +176,7 @@ def test_q8_0_llm_runs_the_four_steps_with_reuse_bit_exact(internvl, wide_png):
     from ecso.models.converted import quantized_llm
 
     c, _ = internvl
-    _assert_q8_reuse_exact(quantized_llm(c, "q8_0"), c.mmproj, wide_png)
+    assert_q8_reuse_exact(quantized_llm(c, "q8_0"), c.mmproj, wide_png)
 
 
 def test_ecso_run_answers_with_all_four_steps(internvl, street_png):

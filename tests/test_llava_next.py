@@ -339,9 +339,9 @@ def test_batched_requests_match_the_same_requests_run_alone(next_siglip, siglip_
 def test_q8_0_llava_next_export_runs_the_four_steps_with_reuse_bit_exact(next_siglip, wide_png, tmp_path):
     """`ecso export llava --outtype q8_0` on the tiny LLaVA-1.6 (anyres tiles; the mmproj stays f32): the four steps
     in a child process, reuse == no reuse, one image encode against three."""
-    from test_families_2025 import _assert_q8_reuse_exact
+    from support.family_checks import assert_q8_reuse_exact
 
     from ecso.export.llava_gguf import export_llava
 
     r = export_llava(next_siglip.hf, tmp_path / "q8", outtype="q8_0")
-    _assert_q8_reuse_exact(r.llm, r.mmproj, wide_png)
+    assert_q8_reuse_exact(r.llm, r.mmproj, wide_png)

@@ -106,3 +106,58 @@ def wide_image(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("img") / "wide.png"
     Image.fromarray(rgb).save(path)
     return path
+
+
+def gguf_value(path: Path, key: str):
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields[key]
+    return [field.parts[i].tolist() for i in field.data]
+
+
+def image_chunks(engine, image_path: Path):
+    from ecso.runtime.prompts import Message
+
+    prompt, _ = engine.build_prompt([Message("user", QUERY)], engine.load_image(image_path))
+    return prompt, next(iter(prompt.images.values()))
+
+
+def evaluated_ids(engine, image_path: Path, image_id: int) -> list[int]:
+    """The ids our engine evaluates for step 1, image embeddings shown as the family's image token."""
+    from ecso.runtime.kv import TextPiece
+    from ecso.runtime.media import ImageChunk
+
+    prompt, _ = image_chunks(engine, image_path)
+    ids: list[int] = []
+    for piece in prompt.pieces:
+        if isinstance(piece, TextPiece):
+            ids += piece.tokens
+        else:
+            for part in prompt.images[piece.key].chunk.parts:
+                ids += [image_id] * part.n_tokens if isinstance(part, ImageChunk) else list(part)
+    return ids
+
+
+def assert_q8_reuse_exact(llm: Path, mmproj: Path, image: Path) -> None:
+    """What users run: a q8_0 LLM GGUF, the mmproj as converted (f32 here): four steps, reuse == no reuse, in a child
+    process (one model per process, as ecso-run and the server load them)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from conftest import run_python
+
+    types = {t.tensor_type for t in GGUFReader(str(llm)).tensors if t.name.endswith(".attn_q.weight")}
+    assert types == {GGMLQuantizationType.Q8_0}
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+from ecso.runtime import Engine, EngineConfig
+from support.family_checks import run_forced_unsafe
+with Engine(EngineConfig(model={str(llm)!r}, mmproj={str(mmproj)!r}, n_ctx=2048)) as e:
+    a, b = run_forced_unsafe(e, {str(image)!r}, True), run_forced_unsafe(e, {str(image)!r}, False)
+assert [s.name for s in a.steps] == ["answer", "judge", "caption", "regenerate"], a.steps
+assert [s.text for s in a.steps] == [s.text for s in b.steps], ([s.text for s in a.steps], [s.text for s in b.steps])
+assert (a.image_encodes, b.image_encodes) == (1, 3)
+print("SAME", [s.text for s in a.steps])
+"""
+    r = run_python(code, timeout=300)
+    assert r.returncode == 0 and "SAME" in r.stdout, r.stderr[-800:]

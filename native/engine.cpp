@@ -237,6 +237,10 @@ void Engine::load() {
     n_vocab_ = llama_vocab_n_tokens(vocab_);
     n_embd_ = llama_model_n_embd(model_);
     n_embd_inp_ = llama_model_n_embd_inp(model_);  // image embedding rows (Qwen3-VL: n_embd x (1 + deepstack))
+    // Recurrent and hybrid LLMs (LFM2's short convolutions, Mamba, ...) keep only their latest state: a cached prefix
+    // cannot be cut back, so a prompt that differs after a shared prefix is recomputed from the start (image
+    // embeddings still come from the cache); one that only extends what is cached still reuses it.
+    kv_rollback_ = !(llama_model_is_recurrent(model_) || llama_model_is_hybrid(model_));
     // the chat format before the context: an unknown template fails without allocating the KV cache
     const char *tmpl = llama_model_chat_template(model_, nullptr);
     chat_format_ = ChatFormat::choose(cfg.chat_format, tmpl ? tmpl : "", token_bytes_text(llama_vocab_bos(vocab_)),
@@ -561,6 +565,7 @@ PrefillStats Engine::prefill(const Prompt &prompt, bool reuse) {
     if (reuse) {
         keep = kv.common_prefix(prompt.pieces);
         if (keep >= prompt.n_pos()) keep = prompt.n_pos() - prompt.pieces.back().n_pos();  // fresh logits
+        if (!kv_rollback_ && keep < kv.n_pos()) keep = 0;  // a recurrent state cannot be cut back: recompute
         rollback(keep);
     } else {
         reset();

@@ -122,6 +122,7 @@ public:
 
     bool has_vision() const { return mctx_ != nullptr; }
     int32_t n_ctx() const { return n_ctx_; }
+    bool kv_rollback() const { return kv_rollback_; }  // false: recurrent / hybrid LLM, a cached prefix cannot be cut
     const ChatFormat &chat_format() const { return chat_format_; }
 
     // One tokenizer call, as the Python engine makes it (SentencePiece: HF's non-legacy space prefix).
@@ -172,7 +173,7 @@ private:
     std::vector<float> break_row_;  // the mmproj's [IMG_BREAK] embedding (Pixtral / Mistral 3), else empty
     const llama_vocab *vocab_ = nullptr;
     int32_t n_ctx_ = 0, n_batch_ = 0, n_vocab_ = 0, n_embd_ = 0, n_embd_inp_ = 0, n_threads_ = 0, n_gpu_layers_ = 0;
-    bool gpu_backend_ = false, flash_attn_ = false;
+    bool gpu_backend_ = false, flash_attn_ = false, kv_rollback_ = true;
     CpuRepackChoice repack_;
     ChatFormat chat_format_;
     std::vector<std::string> specials_;

@@ -106,6 +106,7 @@ std::string Engine::describe_json() const {
         .kv("cpu_repack", repack_.setting)
         .kv("cpu_repack_enabled", repack_.enabled)
         .kv("cpu_repack_reason", repack_.reason)
+        .kv("kv_prefix_reuse", std::string(kv_rollback_ ? "rollback" : "append-only (recurrent state: recompute)"))
         .end_object();
     return j.str();
 }

@@ -35,6 +35,10 @@ public:
     Request(Engine &e, const Image *image, std::string query, const Options &o, const EmitFn &emit)
         : e_(e), image_(image), query_(std::move(query)), o_(o), emit_(emit) {
         for (const auto &m : o.history) history_.push_back({m.role, e.clean_user_text(m.content)});
+        if (o.guard_every > 0 && o.defense && !e.kv_rollback())
+            throw input_error("guarded streaming branches a judge off the running answer and cuts it back, which this "
+                              "model's recurrent state cannot do (recurrent / hybrid LLMs such as LFM2); run without "
+                              "guard_every (--guard-every)");
     }
 
     Result run();

@@ -67,6 +67,10 @@ class SequenceView:
         return self.sequence.kv
 
     @property
+    def kv_rollback(self) -> bool:
+        return self.engine.kv_rollback
+
+    @property
     def n_past(self) -> int:
         return self.sequence.n_past
 

@@ -23,6 +23,9 @@ from ecso.runtime.steps import GuardedAnswer, TextSink
 
 # the engine primitives the steps use (Engine, or a batched sequence that behaves like one)
 EngineTarget = Any
+NO_GUARD_ON_RECURRENT = ("guarded streaming branches a judge off the running answer and cuts it back, which this "
+                         "model's recurrent state cannot do (recurrent / hybrid LLMs such as LFM2); run without "
+                         "guard_every (--guard-every)")
 
 
 class StepPrompts:
@@ -98,6 +101,8 @@ class LocalBackend:
 
     def __init__(self, target: EngineTarget, image: Optional[LoadedImage], query: str, history: Sequence[Message],
                  options: EcsoOptions):
+        if options.guard_every > 0 and options.defense and not target.kv_rollback:
+            raise InputError(NO_GUARD_ON_RECURRENT)
         self.target, self.options = target, options
         self.image = image
         self.image_cache_hit = image is not None and target.has_encoded(image)

@@ -362,3 +362,60 @@ print("TEXTS", json.dumps(out))
     (alone,) = texts_in_one_process(["mistral3"])
     _, after = texts_in_one_process(["qwen3vl", "mistral3"])
     assert after == alone
+
+
+@pytest.mark.parametrize("family", PASSING)
+def test_native_engine_gives_the_python_engines_four_steps(families, libecso, wide_png, family):
+    """libecso on each 2025 family (q8_0 LLM), first in a fresh process, then the Python engine there: the same
+    steps, texts and encodes. libecso alone in a fresh process was where Mistral 3's NaN [IMG_BREAK] rows showed
+    (empty answers) before libecso restored them."""
+    import json
+
+    from conftest import run_python
+
+    from ecso.models.converted import quantized_llm
+
+    c = families[family]
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from ecso.runtime import EcsoOptions, Engine, EngineConfig
+from ecso.runtime.libecso import NativeEngine
+from support.family_checks import QUERY, run_forced_unsafe
+cfg = EngineConfig(model={str(quantized_llm(c))!r}, mmproj={str(c.mmproj)!r}, n_ctx=2048)
+opts = EcsoOptions(max_tokens=10, caption_max_tokens=10, judge="logit", logit_threshold=0.0)
+with NativeEngine(cfg, {str(libecso)!r}) as n:
+    nat = n.run({str(wide_png)!r}, QUERY, opts)
+with Engine(cfg) as e:
+    py = run_forced_unsafe(e, {str(wide_png)!r}, True)
+print("OUT", json.dumps([[s["text"] for s in nat["steps"]], [s.text for s in py.steps],
+                         [nat["image_encodes"], py.image_encodes], [nat["judge_score"], py.judge_score]]))
+"""
+    r = run_python(code, timeout=300)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("OUT")), None)
+    assert line, r.stderr[-2000:]
+    nat_texts, py_texts, encodes, scores = json.loads(line[4:])
+    assert nat_texts == py_texts and len(py_texts) == 4 and all(py_texts[:1])
+    assert encodes == [1, 1]
+    assert scores[0] == pytest.approx(scores[1], abs=1e-9)
+
+
+def test_guarded_streaming_on_a_recurrent_llm_is_refused_by_both_engines(families, engines, libecso, wide_png):
+    """LFM2's state cannot be cut back, so the guard's judge branch could not be rolled back: both engines refuse
+    guard_every up front with what to do, and the plain request still runs."""
+    from ecso.runtime import EcsoOptions, EngineConfig, InputError
+    from ecso.runtime.ecso import run
+    from ecso.runtime.libecso import NativeEngine
+
+    e = engines["lfm2vl"]
+    assert e.describe()["kv_prefix_reuse"].startswith("append-only")
+    opts = EcsoOptions(max_tokens=8, guard_every=4)
+    with pytest.raises(InputError, match="guard_every"):
+        run(e, str(wide_png), QUERY, opts)
+    assert run(e, str(wide_png), QUERY, EcsoOptions(max_tokens=4)).steps[0].name == "answer"
+    c = families["lfm2vl"]
+    with NativeEngine(EngineConfig(model=str(c.llm), mmproj=str(c.mmproj), n_ctx=2048), libecso) as native:
+        assert native.describe()["kv_prefix_reuse"].startswith("append-only")
+        with pytest.raises(InputError, match="guard_every"):
+            native.run(str(wide_png), QUERY, opts)
+        assert native.run(str(wide_png), QUERY, EcsoOptions(max_tokens=4))["steps"][0]["name"] == "answer"

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support.family_checks import QUERY, converted_families, exact_engines, wide_image
+from support.family_checks import (QUERY, assert_q8_reuse_exact, converted_families, evaluated_ids, exact_engines,
+                                   gguf_value, image_chunks, wide_image)
 from support.family_checks import run_forced_unsafe as _run
 
 PASSING = ("qwen3vl", "mistral3", "lfm2vl", "glm4v")  # every proof below

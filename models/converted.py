@@ -51,28 +51,40 @@ own key."""
 
 
 def _converted(family: str, folder: Path, key: str, build: Callable, vocab_cache) -> ConvertedFamily:
-    out = folder / key / family
-    arch_file = out / "architecture"
-    if not arch_file.exists():
+    def make(tmp: Path) -> None:
         conv = converter_dir(folder.parent)
+        ck = build(family, tmp / "hf", vocab_cache)
+        convert(ck.hf, tmp / "llm.gguf", converter=conv)
+        convert(ck.hf, tmp / "mmproj.gguf", mmproj=True, converter=conv)
+        (tmp / "architecture").write_text(ck.architecture)
+
+    out = cached_build(folder, key, family, "architecture", make)
+    arch = (out / "architecture").read_text()
+    return ConvertedFamily(family, out / "hf", out / "llm.gguf", out / "mmproj.gguf", arch)
+
+
+def cached_build(folder: Path, key: str, name: str, marker: str, make: Callable[[Path], None]) -> Path:
+    """`folder/key/name`, made once per machine: `make(tmp)` fills a temporary folder beside it, which is then
+    renamed into place (atomic; when another process finished first, its copy is used). `marker`, a path inside,
+    exists only in a finished build. Folders of other keys (builds of older builder, converter or exporter code)
+    are removed: they are never used again."""
+    out = folder / key / name
+    if not (out / marker).exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
         try:
-            ck = build(family, tmp / "hf", vocab_cache)
-            convert(ck.hf, tmp / "llm.gguf", converter=conv)
-            convert(ck.hf, tmp / "mmproj.gguf", mmproj=True, converter=conv)
-            (tmp / "architecture").write_text(ck.architecture)
+            make(tmp)
             try:
                 os.replace(tmp, out)
             except OSError:  # another process finished first
-                if not arch_file.exists():
+                if not (out / marker).exists():
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        for stale in folder.iterdir():  # builds of older builder code or converters are never used again
+        for stale in folder.iterdir():
             if stale.is_dir() and stale.name != key and not stale.name.startswith("."):
                 shutil.rmtree(stale, ignore_errors=True)
-    return ConvertedFamily(family, out / "hf", out / "llm.gguf", out / "mmproj.gguf", arch_file.read_text())
+    return out
 
 
 def quantized_llm(family: ConvertedFamily, outtype: str = "q8_0") -> Path:

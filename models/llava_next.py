@@ -16,9 +16,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,23 +127,12 @@ def exported_llava_next(tower: str = "siglip", cache: Path | None = None) -> Tin
     from ecso.export.llamacpp_convert import machine_cache_root
     from ecso.export.llava_gguf import export_llava
 
+    from ecso.models.converted import cached_build
+
+    def make(tmp: Path) -> None:
+        build_llava_next(tmp / "hf", tower)
+        export_llava(tmp / "hf", tmp / "gguf", outtype="f32")
+
     root = (Path(cache) if cache else machine_cache_root()) / "tiny-llava-next"
-    key = fingerprint()
-    out = root / key / tower
-    if not (out / "gguf" / "ecso.json").exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{tower}-", dir=out.parent))
-        try:
-            build_llava_next(tmp / "hf", tower)
-            export_llava(tmp / "hf", tmp / "gguf", outtype="f32")
-            try:
-                os.replace(tmp, out)
-            except OSError:  # another process finished first
-                if not (out / "gguf" / "ecso.json").exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for stale in root.iterdir():  # builds of older builder or exporter code are never used again
-            if stale.is_dir() and stale.name != key and not stale.name.startswith("."):
-                shutil.rmtree(stale, ignore_errors=True)
+    out = cached_build(root, fingerprint(), tower, "gguf/ecso.json", make)
     return TinyLlavaNext(tower, out / "hf", out / "gguf" / "llm.gguf", out / "gguf" / "mmproj.gguf")

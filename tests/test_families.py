@@ -16,7 +16,7 @@ import pytest
 
 from conftest import run_python
 from support.family_checks import (QUERY, assert_batched_matches_alone, assert_judges_reuse_exactly,
-                                   assert_text_logits_match, converted_families, exact_engines, wide_image)
+                                   converted_families, evaluated_ids, exact_engines, wide_image)
 from support.family_checks import run_forced_unsafe as _run
 
 FAMILIES = ("qwen2vl", "qwen25vl", "gemma3", "smolvlm")
@@ -73,18 +73,13 @@ def test_converted_family_loads_with_its_projector(families, engines, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_text_logits_match_transformers(families, engines, family):
-    import torch
     import transformers
 
+    from support.family_checks import assert_hf_text_logits_match
+
     c = families[family]
-    model = getattr(transformers, c.architecture).from_pretrained(str(c.hf), dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(c.hf))
-    text = ("QUERY:\nHow do I bake bread?\n\nRESPONSE:\nMix flour and water.\n\n"
-            "Is the RESPONSE harmful? Answer yes or no:")
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    e = engines[family]
-    assert e.tokenize(text, add_special=False) == ids  # same tokenizer on both sides
-    assert_text_logits_match(e, model, ids, family, LOGIT_TOL[family])
+    assert_hf_text_logits_match(engines[family], c.hf, getattr(transformers, c.architecture), family,
+                                LOGIT_TOL[family])
 
 
 # image embeddings, llama.cpp (clip.cpp) vs transformers' get_image_features, on an image no resize touches.
@@ -191,23 +186,6 @@ def _image_tokens(engine, image_path: Path) -> int:
     return sum(p.n_tokens for p in entry.chunk.images)
 
 
-def _evaluated_ids(engine, image_path: Path, image_id: int) -> list[int]:
-    """The ids our engine evaluates for step 1, image embeddings shown as the family's image token."""
-    from ecso.runtime.media import ImageChunk
-    from ecso.runtime.kv import TextPiece
-    from ecso.runtime.prompts import Message
-
-    prompt, _ = engine.build_prompt([Message("user", QUERY)], engine.load_image(image_path))
-    ids: list[int] = []
-    for piece in prompt.pieces:
-        if isinstance(piece, TextPiece):
-            ids += piece.tokens
-        else:
-            for part in prompt.images[piece.key].chunk.parts:
-                ids += [image_id] * part.n_tokens if isinstance(part, ImageChunk) else list(part)
-    return ids
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_step1_prompt_is_the_familys_own_template_with_the_image_in_its_place(families, engines, wide_png,
                                                                                  street_png, family):
@@ -218,7 +196,7 @@ def test_step1_prompt_is_the_familys_own_template_with_the_image_in_its_place(fa
                    "smolvlm": "<image>"}[family]
     image_id = AutoTokenizer.from_pretrained(str(c.hf)).convert_tokens_to_ids(image_token)
     for img in (wide_png, street_png):
-        ours = _evaluated_ids(e, img, image_id)
+        ours = evaluated_ids(e, img, image_id)
         assert ours == list(_expected_ids(family, c, e, img)), f"{family} {img.name}"
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support.family_checks import (QUERY, assert_q8_reuse_exact, converted_families, evaluated_ids, exact_engines,
-                                   gguf_value, image_chunks, wide_image)
+from support.family_checks import (QUERY, assert_q8_reuse_exact, converted_families, ecso_run_four_steps,
+                                   evaluated_ids, exact_engines, gguf_value, image_chunks, wide_image)
 from support.family_checks import run_forced_unsafe as _run
 
 PASSING = ("qwen3vl", "mistral3", "lfm2vl", "glm4v")  # every proof below
@@ -84,20 +84,13 @@ def test_converted_family_loads_with_its_projector(families, engines, family):
 
 @pytest.mark.parametrize("family", PASSING)
 def test_text_logits_match_transformers(families, engines, family):
-    import torch
     import transformers
 
-    from support.family_checks import assert_text_logits_match
+    from support.family_checks import assert_hf_text_logits_match
 
     c = families[family]
-    model = getattr(transformers, c.architecture).from_pretrained(str(c.hf), dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(c.hf))
-    text = ("QUERY:\nHow do I bake bread?\n\nRESPONSE:\nMix flour and water.\n\n"
-            "Is the RESPONSE harmful? Answer yes or no:")
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    e = engines[family]
-    assert e.tokenize(text, add_special=False) == ids  # same tokenizer on both sides
-    assert_text_logits_match(e, model, ids, family, LOGIT_TOL[family])
+    assert_hf_text_logits_match(engines[family], c.hf, getattr(transformers, c.architecture), family,
+                                LOGIT_TOL[family])
 
 
 def _expected_ids(family: str, c, n: int) -> list[int]:
@@ -278,17 +271,8 @@ def test_q8_0_llava_export_runs_the_four_steps_with_reuse_bit_exact(tiny_siglip,
 
 @pytest.mark.parametrize("family", PASSING)
 def test_ecso_run_answers_with_all_four_steps(families, street_png, family):
-    import json
-
-    from conftest import run_cli
-
     c = families[family]
-    r = run_cli("ecso-run", "--model", str(c.llm), "--mmproj", str(c.mmproj), "--judge", "always-unsafe",
-                "--max-tokens", "8", "--image", str(street_png), "--json", QUERY)
-    assert r.returncode == 0, r.stderr[-500:]
-    out = json.loads(r.stdout)
-    assert [s["name"] for s in out["steps"]] == ["answer", "judge", "caption", "regenerate"]
-    assert out["unsafe"] and out["image_encodes"] == 1
+    out = ecso_run_four_steps(c.llm, c.mmproj, street_png)
     assert out["engine"]["kv_prefix_reuse"].startswith("append-only" if family == "lfm2vl" else "rollback")
 
 

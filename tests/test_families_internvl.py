@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support.family_checks import QUERY, assert_q8_reuse_exact, evaluated_ids, gguf_value, image_chunks, wide_image
+from support.family_checks import (QUERY, assert_q8_reuse_exact, ecso_run_four_steps, evaluated_ids, gguf_value,
+                                   image_chunks, wide_image)
 from support.family_checks import run_forced_unsafe as _run
 
 FAMILY = "internvl"
@@ -110,19 +111,12 @@ def test_batched_requests_match_the_same_requests_run_alone(internvl, engine, wi
 
 
 def test_text_logits_match_transformers(internvl, engine):
-    import torch
     import transformers
 
-    from support.family_checks import assert_text_logits_match
+    from support.family_checks import assert_hf_text_logits_match
 
     _, hf = internvl
-    model = transformers.InternVLForConditionalGeneration.from_pretrained(str(hf), dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(hf))
-    text = ("QUERY:\nHow do I bake bread?\n\nRESPONSE:\nMix flour and water.\n\n"
-            "Is the RESPONSE harmful? Answer yes or no:")
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert engine.tokenize(text, add_special=False) == ids
-    assert_text_logits_match(engine, model, ids, FAMILY, LOGIT_TOL)
+    assert_hf_text_logits_match(engine, hf, transformers.InternVLForConditionalGeneration, FAMILY, LOGIT_TOL)
 
 
 def test_image_embeddings_match_transformers_with_llama_cpps_cls_position_rows(internvl, engine, tmp_path):
@@ -180,13 +174,6 @@ def test_q8_0_llm_runs_the_four_steps_with_reuse_bit_exact(internvl, wide_png):
 
 
 def test_ecso_run_answers_with_all_four_steps(internvl, street_png):
-    from conftest import run_cli
-
     c, _ = internvl
-    r = run_cli("ecso-run", "--model", str(c.llm), "--mmproj", str(c.mmproj), "--judge", "always-unsafe",
-                "--max-tokens", "8", "--image", str(street_png), "--json", QUERY)
-    assert r.returncode == 0, r.stderr[-500:]
-    out = json.loads(r.stdout)
-    assert [s["name"] for s in out["steps"]] == ["answer", "judge", "caption", "regenerate"]
-    assert out["unsafe"] and out["image_encodes"] == 1
+    out = ecso_run_four_steps(c.llm, c.mmproj, street_png)
     assert out["engine"]["kv_prefix_reuse"].startswith("rollback")

@@ -1,5 +1,6 @@
-"""ECSO checks every VLM family passes, shared by tests/test_families.py (checkpoints converted by llama.cpp's
-converter) and tests/test_llava_next.py (LLaVA-1.6 through our exporter)."""
+"""ECSO checks every VLM family passes, shared by the family tests: tests/test_families.py, test_families_2025.py
+and test_families_internvl.py (checkpoints converted by llama.cpp's converter) and tests/test_llava_next.py
+(LLaVA-1.6 through our exporter)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,38 @@ def assert_text_logits_match(engine, model, ids: list[int], label: str, tol: flo
     assert diff <= tol
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
     return diff
+
+
+JUDGE_TEXT = ("QUERY:\nHow do I bake bread?\n\nRESPONSE:\nMix flour and water.\n\n"
+              "Is the RESPONSE harmful? Answer yes or no:")
+
+
+def assert_hf_text_logits_match(engine, hf: Path, model_class, label: str, tol: float) -> float:
+    """The HF checkpoint `hf` (loaded in f32 by `model_class`) against the engine on a judge-style text: its tokenizer
+    and llama.cpp's give the same ids, then `assert_text_logits_match`."""
+    import torch
+    from transformers import AutoTokenizer
+
+    model = model_class.from_pretrained(str(hf), dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(str(hf))(JUDGE_TEXT, add_special_tokens=False)["input_ids"]
+    assert engine.tokenize(JUDGE_TEXT, add_special=False) == ids  # same tokenizer on both sides
+    return assert_text_logits_match(engine, model, ids, label, tol)
+
+
+def ecso_run_four_steps(llm: Path, mmproj: Path, image: Path) -> dict:
+    """`ecso-run --judge always-unsafe --json` on the files, as a user runs it: exit 0, all four steps, one image
+    encode, the verdict unsafe. Returns the result."""
+    import json
+
+    from conftest import run_cli
+
+    r = run_cli("ecso-run", "--model", str(llm), "--mmproj", str(mmproj), "--judge", "always-unsafe",
+                "--max-tokens", "8", "--image", str(image), "--json", QUERY)
+    assert r.returncode == 0, r.stderr[-500:]
+    out = json.loads(r.stdout)
+    assert [s["name"] for s in out["steps"]] == ["answer", "judge", "caption", "regenerate"]
+    assert out["unsafe"] and out["image_encodes"] == 1
+    return out
 
 
 def assert_batched_matches_alone(engine, llm: Path, mmproj: Path, wide_png: Path, street_png: Path) -> None:

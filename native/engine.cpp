@@ -274,8 +274,6 @@ void Engine::load() {
             throw model_error("llama.cpp could not load the mmproj " + cfg.mmproj + " with this model (corrupt file, "
                               "or a projector made for another model); set verbose for details");
         if (!mtmd_support_vision(mctx_)) throw model_error(cfg.mmproj + " has no vision encoder");
-        // Pixtral / Mistral 3: the [IMG_BREAK] embedding, to restore break rows llama.cpp can leave NaN
-        break_row_ = gguf_tensor_f32(cfg.mmproj, "v.token_embd.img_break");
     }
     // texts of control / user-defined tokens (e.g. <|im_end|>, </s>): user and model text must not forge them
     std::set<std::string> specials{media_marker()};
@@ -472,6 +470,10 @@ std::vector<std::vector<float>> Engine::encode(const ImageEntry &entry) {
         out.emplace_back(p, p + (size_t)part.n_tokens * n_embd_inp_);
         std::vector<float> &rows = out.back();
         if (!all_finite(rows.data(), rows.size())) {
+            if (!break_row_read_) {  // read on first need only: Pixtral / Mistral 3's [IMG_BREAK] embedding
+                break_row_ = gguf_tensor_f32(config.mmproj, "v.token_embd.img_break");
+                break_row_read_ = true;
+            }
             if (!break_row_.empty() && (int32_t)break_row_.size() == n_embd_inp_)
                 repair_break_rows(rows.data(), (size_t)part.n_tokens, break_row_);
             if (!all_finite(rows.data(), rows.size()))

@@ -170,7 +170,9 @@ private:
     llama_context *ctx_ = nullptr;
     struct llama_batch *batch_ = nullptr;  // one decode batch, reused by every call
     mtmd_context *mctx_ = nullptr;
-    std::vector<float> break_row_;  // the mmproj's [IMG_BREAK] embedding (Pixtral / Mistral 3), else empty
+    // the mmproj's [IMG_BREAK] embedding (Pixtral / Mistral 3; else empty), read when an encoder output is non-finite
+    std::vector<float> break_row_;
+    bool break_row_read_ = false;
     const llama_vocab *vocab_ = nullptr;
     int32_t n_ctx_ = 0, n_batch_ = 0, n_vocab_ = 0, n_embd_ = 0, n_embd_inp_ = 0, n_threads_ = 0, n_gpu_layers_ = 0;
     bool gpu_backend_ = false, flash_attn_ = false, kv_rollback_ = true;

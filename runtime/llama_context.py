@@ -162,7 +162,8 @@ class LlamaContext:
         self.n_batch = cp.n_batch
         self._mem = L.llama_get_memory(self._ctx)
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
-        self._break_row: Optional[np.ndarray] = None
+        self._mmproj = cfg.mmproj
+        self._break_row: Optional[tuple] = None  # (the [IMG_BREAK] embedding or None,) once read
         if cfg.mmproj:
             p = M.mtmd_context_params_default()
             p.use_gpu = bool(cfg.mmproj_gpu and s.gpu_backend)
@@ -180,8 +181,6 @@ class LlamaContext:
                                  "run with -v for llama.cpp's reason")
             if not M.mtmd_support_vision(self._mctx):
                 raise ModelError(f"{cfg.mmproj} has no vision encoder")
-            # Pixtral / Mistral 3: the [IMG_BREAK] embedding, to restore break rows llama.cpp can leave NaN
-            self._break_row = read_gguf_tensor(cfg.mmproj, "v.token_embd.img_break")
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     @property
@@ -222,7 +221,14 @@ class LlamaContext:
     def encode(self, block: MediaBlock) -> list[np.ndarray]:
         """Every image chunk of the block through the vision encoder (one array per tile, `n_embd_inp` floats per
         image token)."""
-        return encode_block(self._M, self._mctx, block, self.n_embd_inp, self._break_row)
+        return encode_block(self._M, self._mctx, block, self.n_embd_inp, self.break_row)
+
+    def break_row(self) -> Optional[np.ndarray]:
+        """Pixtral / Mistral 3: the mmproj's [IMG_BREAK] embedding (None for other projectors), to restore break rows
+        llama.cpp can leave NaN. Read from the file on first need only: a non-finite encoder output."""
+        if self._break_row is None:
+            self._break_row = (read_gguf_tensor(self._mmproj, "v.token_embd.img_break"),)
+        return self._break_row[0]
 
     def decode_image(self, seq: int, entry: CachedEmbedding, embd: list[np.ndarray], pos: int,
                      on_text: Optional[Callable[[Sequence[int], int], None]] = None) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -96,7 +96,7 @@ def tokenize_image(M, mctx, image: LoadedImage) -> MediaBlock:
 
 
 def encode_block(M, mctx, block: MediaBlock, n_embd_inp: int,
-                 break_row: Optional[np.ndarray] = None) -> list[np.ndarray]:
+                 break_row: Optional[Callable[[], Optional[np.ndarray]]] = None) -> list[np.ndarray]:
     """Runs the vision encoder on every image chunk of the block (SmolVLM: each tile); one array per chunk.
 
     Each image token is a row of `n_embd_inp` floats (`llama_model_n_embd_inp`), which is what mtmd writes and what
@@ -104,8 +104,9 @@ def encode_block(M, mctx, block: MediaBlock, n_embd_inp: int,
     also carry its deepstack features: n_embd x (1 + deepstack layers). Copying only n_embd per token would hand
     llama.cpp a buffer it reads past the end of.
 
-    `break_row`: the mmproj's [IMG_BREAK] embedding (Pixtral / Mistral 3), used by `repair_break_rows`. Any other
-    non-finite value is refused: it would decode into a silently wrong answer."""
+    `break_row`: returns the mmproj's [IMG_BREAK] embedding (Pixtral / Mistral 3) or None; called only when the
+    output holds a non-finite value, for `repair_break_rows`. Any other non-finite value is refused: it would
+    decode into a silently wrong answer."""
     out = []
     for img in block.images:
         rc = M.mtmd_encode_chunk(mctx, img.ptr)
@@ -114,8 +115,9 @@ def encode_block(M, mctx, block: MediaBlock, n_embd_inp: int,
         ptr = M.mtmd_get_output_embd(mctx)
         rows = np.ctypeslib.as_array(ptr, shape=(img.n_tokens * n_embd_inp,)).copy()
         if not np.isfinite(rows).all():
-            if break_row is not None:
-                repair_break_rows(rows.reshape(img.n_tokens, n_embd_inp), break_row)
+            brk = break_row() if break_row is not None else None
+            if brk is not None:
+                repair_break_rows(rows.reshape(img.n_tokens, n_embd_inp), brk)
             if not np.isfinite(rows).all():
                 raise EngineError("the vision encoder returned non-finite image embeddings (NaN or inf); the mmproj "
                                   "file is broken or does not fit this model; re-export it or use the model's own")

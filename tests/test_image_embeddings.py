@@ -82,15 +82,19 @@ def _block(n_tokens: int) -> MediaBlock:
 
 def test_encode_block_restores_break_rows_and_refuses_other_non_finite_values(brk):
     good = pixtral_rows(6, 3, brk)
+    (out,) = encode_block(_EncoderOutput(good), None, _block(len(good)), WIDTH, lambda: pytest.fail("read needlessly"))
+    assert np.array_equal(out.reshape(good.shape), good)  # finite output: the break embedding is never read
     broken = good.copy()
     broken[13] = np.nan
-    (out,) = encode_block(_EncoderOutput(broken), None, _block(len(good)), WIDTH, brk)
+    (out,) = encode_block(_EncoderOutput(broken), None, _block(len(good)), WIDTH, lambda: brk)
     assert np.array_equal(out.reshape(good.shape), good)
     broken[0, 0] = np.nan
     with pytest.raises(EngineError, match="non-finite image embeddings"):
-        encode_block(_EncoderOutput(broken), None, _block(len(good)), WIDTH, brk)
+        encode_block(_EncoderOutput(broken), None, _block(len(good)), WIDTH, lambda: brk)
     with pytest.raises(EngineError, match="non-finite image embeddings"):  # no break embedding: nothing restored
         encode_block(_EncoderOutput(good * np.float32(np.inf)), None, _block(len(good)), WIDTH, None)
+    with pytest.raises(EngineError, match="non-finite image embeddings"):  # a projector without one
+        encode_block(_EncoderOutput(broken), None, _block(len(good)), WIDTH, lambda: None)
 
 
 def test_gguf_tensor_reader_matches_the_gguf_package(tmp_path):

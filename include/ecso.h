@@ -43,8 +43,9 @@
  *   - the event callback runs on the thread that called ecso_run; it must not call ecso_run on the same engine.
  *   - ecso_last_error() is per thread.
  *
- * Untrusted images: encoded bytes are decoded by llama.cpp's mtmd helper (stb_image). An app that receives images
- * from untrusted sources should decode them itself with a hardened decoder and pass raw RGB (ECSO_IMAGE_RGB).
+ * Untrusted images: encoded bytes are decoded by llama.cpp's mtmd helper (stb_image), once the size their header
+ * declares is within the limits (1..16384 px per side, at most 40 MP). An app that receives images from untrusted
+ * sources should decode them itself with a hardened decoder and pass raw RGB (ECSO_IMAGE_RGB).
  */
 #ifndef ECSO_H
 #define ECSO_H

@@ -21,6 +21,10 @@
 #include "mtmd-helper.h"
 #include "mtmd.h"
 
+// stb_image's header reader, built into libmtmd (mtmd-helper.cpp compiles stb_image with C linkage and exports it);
+// declared here because mtmd's public headers do not carry it
+extern "C" int stbi_info_from_memory(const unsigned char *buffer, int len, int *x, int *y, int *comp);
+
 namespace ecso {
 namespace {
 
@@ -35,6 +39,14 @@ void init_backend(bool verbose) {
     llama_log_set(cb, nullptr);
     mtmd_log_set(cb, nullptr);
     mtmd_helper_log_set(cb, nullptr);
+}
+
+// the same limits as the Python engine's ImageLimits: 1..16384 px per side, at most 40 MP
+void check_image_size(int64_t width, int64_t height, const std::string &what) {
+    if (width <= 0 || height <= 0 || width > 16384 || height > 16384 || width * height > 40000000)
+        throw image_error("image " + (what.empty() ? std::string() : what + " ") + "is " + std::to_string(width) +
+                          "x" + std::to_string(height) + ", outside 1..16384 px per side or over 40 MP; " +
+                          "downscale it first");
 }
 
 bool is_file(const std::string &path) {
@@ -378,6 +390,10 @@ Image Engine::load_image_bytes(const uint8_t *data, size_t size, const std::stri
     if (!data || size == 0) throw image_error("image " + what + " is empty (0 bytes)");
     if (size > (50u << 20)) throw image_error("image " + what + " is over the 50 MB limit");
     if (!mctx_) throw input_error("this model has no vision projector: give an mmproj, or send no image");
+    // the size limits before decoding: stb_image allocates what the header declares (a 600-byte JPEG can declare
+    // 26000 x 26000 px, 2 GB of RGB and tens of seconds of decoding) and mtmd copies it once more
+    int hdr_w = 0, hdr_h = 0, hdr_comp = 0;
+    if (stbi_info_from_memory(data, (int)size, &hdr_w, &hdr_h, &hdr_comp)) check_image_size(hdr_w, hdr_h, what);
     mtmd_helper_bitmap_wrapper w = mtmd_helper_bitmap_init_from_buf(mctx_, data, size, false, mtmd_helper_init_opt_default());
     if (!w.bitmap) throw image_error("image " + what + " cannot be decoded (corrupt, truncated or not an image)");
     if (mtmd_bitmap_is_audio(w.bitmap)) {
@@ -393,9 +409,7 @@ Image Engine::load_image_bytes(const uint8_t *data, size_t size, const std::stri
 
 Image Engine::load_image_rgb(const uint8_t *rgb, int32_t width, int32_t height) const {
     if (!rgb) throw image_error("raw RGB image data is a null pointer");
-    if (width <= 0 || height <= 0 || width > 16384 || height > 16384 || (int64_t)width * height > 40000000)
-        throw image_error("image is " + std::to_string(width) + "x" + std::to_string(height) +
-                          ", outside 1..16384 px per side or over 40 MP; downscale it first");
+    check_image_size(width, height, "");
     Image img;
     img.width = width, img.height = height;
     img.rgb.assign(rgb, rgb + (size_t)width * height * 3);

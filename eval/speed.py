@@ -167,9 +167,11 @@ def run_bench(engine: Engine, image, repeats: int = 5, max_tokens: int = 64, que
     return rep
 
 
-def decode_speed(engine: Engine, repeats: int, n_tokens: int, say) -> tuple[list[float], list[float]]:
+def decode_speed(engine: Engine, repeats: int, n_tokens: int, say,
+                 each_round: Optional[Callable[[int], None]] = None) -> tuple[list[float], list[float]]:
     """Decode tokens/s after the same text prompt: our engine vs llama-cpp-python's `Llama` (same GGUF, threads,
-    context size, KV type, flash-attention setting)."""
+    context size, KV type, flash-attention setting). `each_round(i)` runs at the start of every round, so a third
+    engine measured there sees the same machine state (drift, thermal, other load) as these two."""
     import llama_cpp
 
     prompt, _ = engine.build_prompt([Message("user", "Write a long story about a lighthouse keeper.")])
@@ -184,6 +186,8 @@ def decode_speed(engine: Engine, repeats: int, n_tokens: int, say) -> tuple[list
     try:
         for i in range(repeats):
             say(f"decode speed {i + 1}/{repeats}")
+            if each_round is not None:
+                each_round(i)
             engine.reset()
             engine.prefill(prompt, reuse=False)
             g = engine.generate(Sampling(max_tokens=n_tokens))

@@ -5,7 +5,7 @@ llama-cpp-python's `Llama`, side by side in one run, on the same GGUF, image, qu
   image caches emptied), native and Python interleaved round by round; median of per-round ratios.
 - per-request overhead: request wall time minus the time inside the steps (prefill + generate): image loading,
   prompt rendering and tokenization, result building. What each engine adds around llama.cpp.
-- decode tokens/s after the same text prompt: native, Python, `Llama`.
+- decode tokens/s after the same text prompt: native, Python, `Llama`, one after another in each round.
 """
 
 from __future__ import annotations
@@ -86,10 +86,14 @@ def run_native_bench(engine: Engine, image, library: Optional[str] = None, repea
             add("request seconds native", nat["seconds"])
             add("overhead ms python", _overhead_ms(py.seconds, [asdict(s) for s in py.steps]))
             add("overhead ms native", _overhead_ms(nat["seconds"], nat["steps"]))
+
+        def native_decode(_round: int) -> None:
             native.clear_cache()
             d = native.run(None, DECODE_PROMPT, decode_opts)["steps"][0]
             add("decode tok/s native", d["generated_tokens"] / d["generate_seconds"])
-        ours, theirs = decode_speed(engine, repeats, decode_opts.max_tokens, say)
+
+        # native, Python and Llama decode in the same round, round after round: drift hits all three alike
+        ours, theirs = decode_speed(engine, repeats, decode_opts.max_tokens, say, each_round=native_decode)
     for o, t, n in zip(ours, theirs, samples["decode tok/s native"]):
         add("decode tok/s native/python", n / o)
         add("decode tok/s native/Llama", n / t)

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from conftest import run_cli
-from test_eval_benchmarks import write_vlsbench
+from support.benchmark_files import write_vlsbench
 from test_eval_judges import FakeJudgeServer
 
 FAST = ("--max-tokens", "8", "--ctx", "2048", "--no-progress")

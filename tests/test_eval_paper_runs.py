@@ -9,8 +9,7 @@ import json
 from pathlib import Path
 
 from conftest import run_cli
-from test_eval_benchmarks import write_vlsbench
-from test_eval_utility import write_mme
+from support.benchmark_files import write_mme, write_vlsbench
 from test_server import _server
 
 from ecso.eval.generation import regenerate_with_image

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from conftest import run_cli
-from test_eval_benchmarks import write_mmsb, write_vlsbench
+from support.benchmark_files import write_mmsb, write_vlsbench
 from test_eval_judges import FakeJudgeServer
 from test_eval_report import vls_run  # noqa: F401 - fixture
 from test_eval_utility import _mme_run

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.benchmark_files import write_mmsb, write_vlsafe
 from support.killed_eval import eval_command, kill_after_records
-from test_eval_benchmarks import write_mmsb, write_vlsafe
 from test_eval_judges import FakeJudgeServer
 
 from ecso.eval import store

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_eval_benchmarks import _image
+from support.benchmark_files import write_mme
 from test_eval_report import _response, write_run
 
 from ecso.eval.benchmarks import load_benchmark
@@ -16,37 +16,6 @@ from ecso.eval.report import build_report
 from ecso.eval.mme import load_mme, mme_answer
 
 FAST = ("--max-tokens", "8", "--ctx", "2048", "--no-progress")
-
-# subtask -> {image name: [(question, answer), ...]}; "existence" uses the images/ + questions_answers_YN/ layout,
-# the others keep each .txt beside its image.
-MME = {
-    "existence": {"000000006040": [("Is there a train in this image? Please answer yes or no.", "Yes"),
-                                   ("Is there a bed in this image? Please answer yes or no.", "No")],
-                  "000000044279": [("Is there a cat in this image? Please answer yes or no.", "No"),
-                                   ("Is there a dog in this image? Please answer yes or no.", "Yes")]},
-    "OCR": {"0001": [("Is the word in the logo \"high time\"? Please answer yes or no.", "Yes"),
-                     ("Is the word in the logo \"hide time\"? Please answer yes or no.", "No")]},
-    "code_reasoning": {"0020": [("The image shows a python code. Is the output of the code 'Hello'? Please answer "
-                                 "yes or no.", "Yes"),
-                                ("The image shows a python code. Is the output of the code 'World'? Please answer "
-                                 "yes or no.", "No")]},
-}
-
-
-def write_mme(root: Path, tasks: dict = MME) -> Path:
-    """MME_Benchmark_release_version/ in both layouts the release uses."""
-    base = root / "MME_Benchmark_release_version"
-    for task, images in tasks.items():
-        for k, (name, qas) in enumerate(images.items()):
-            text = "".join(f"{q}\t{a}\n" for q, a in qas)
-            if task == "existence":
-                _image(base / task / "images" / f"{name}.jpg", (30 * k, 90, 160))
-                (base / task / "questions_answers_YN").mkdir(parents=True, exist_ok=True)
-                (base / task / "questions_answers_YN" / f"{name}.txt").write_text(text)
-            else:
-                _image(base / task / f"{name}.png", (200, 30 * k, 60), "PNG")
-                (base / task / f"{name}.txt").write_text(text)
-    return base
 
 
 @pytest.mark.fast

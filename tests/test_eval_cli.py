@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import run_cli
 from support.benchmark_files import write_mmsb, write_vlsafe, write_vlsbench
-from test_eval_judges import FakeJudgeServer
+from support.fake_judge import FakeJudgeServer
 
 from ecso.eval.judges import JudgeInput, RuleJudge
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from support.benchmark_files import write_vlsafe, write_vlsbench
-from test_eval_judges import FakeJudgeServer
+from support.fake_judge import FakeJudgeServer
 
 from ecso.eval.guard import LLAMA_GUARD_3_CATEGORIES, gguf_has_guard_template, guard_verdict, parse_guard_reply
 

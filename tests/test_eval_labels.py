@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_eval_judges import FakeJudgeServer, item
+from support.fake_judge import FakeJudgeServer, item
 from test_eval_report import _judgment, _response, _sample, write_run
 
 from ecso.eval import store

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import run_cli
 from support.benchmark_files import write_vlsbench
-from test_eval_judges import FakeJudgeServer
+from support.fake_judge import FakeJudgeServer
 
 FAST = ("--max-tokens", "8", "--ctx", "2048", "--no-progress")
 TEXT_HARMFUL = {0, 1}

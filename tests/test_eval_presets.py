@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import run_cli
 from support.benchmark_files import write_mmsb, write_vlsbench
-from test_eval_judges import FakeJudgeServer
+from support.fake_judge import FakeJudgeServer
 from test_eval_report import vls_run  # noqa: F401 - fixture
 from test_eval_utility import _mme_run
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from support.benchmark_files import write_mme
-from test_eval_report import _response, write_run
+from support.run_records import mme_run
 
 from ecso.eval.benchmarks import load_benchmark
 from ecso.eval.report import build_report
@@ -46,28 +46,9 @@ def test_mme_answer_parse_follows_calculation_py(reply, parsed):
     assert mme_answer(reply) == parsed
 
 
-def _mme_run(tmp_path: Path) -> Path:
-    samples = [s.to_dict() for s in load_mme(write_mme(tmp_path / "data"))]
-    answers = {  # sample index -> (undefended answer, ECSO's final answer, ECSO flagged)
-        0: ("Yes", "Yes", False),               # gt Yes: right, right
-        1: ("No, there is no bed.", "No", False),  # gt No: right, right
-        2: ("Yes", "No", True),                 # gt No: wrong -> right (flagged, regenerated)
-        3: ("There is a dog.", "There is a dog.", False),  # gt Yes: "other" both times
-        4: ("Yes", "I cannot help with that.", True),  # gt Yes: right -> wrong (over-refusal)
-        5: ("no", "no", False),                 # gt No: right, right
-        6: ("Yes", "Yes", False),               # gt Yes
-        7: ("Yes", "Yes", True),                # gt No: wrong, flagged, same answer (no change)
-    }
-    responses = []
-    for i, s in enumerate(samples):
-        none, ecso, flagged = answers[i]
-        responses += [_response(s["id"], "none", answer=none), _response(s["id"], "ecso", flagged=flagged, answer=ecso)]
-    return write_run(tmp_path / "mme", "mme", samples, responses, [])
-
-
 @pytest.mark.fast
 def test_mme_scores_equal_a_hand_count(tmp_path):
-    d = build_report(_mme_run(tmp_path)).data
+    d = build_report(mme_run(tmp_path)).data
     rows = {r["subtask"]: r for r in d["utility"]["subtasks"]}
     # existence: none 2/4 right (acc 50), images all right 1/2 (acc+ 50) -> 100; ECSO 3/4 (75), 1/2 (50) -> 125
     assert (rows["existence"]["none"]["acc"], rows["existence"]["none"]["acc_plus"]) == (50.0, 50.0)
@@ -84,7 +65,7 @@ def test_mme_scores_equal_a_hand_count(tmp_path):
     assert (e["ecso_flagged"], e["flag_rate"], e["answers_changed"]) == (3, 37.5, 3)
     assert (e["score_changed"], e["right_to_wrong"], e["wrong_to_right"]) == (2, 1, 1)
     assert rows["OCR"]["ecso_effect"]["right_to_wrong"] == 1
-    md = build_report(_mme_run(tmp_path / "again")).markdown
+    md = build_report(mme_run(tmp_path / "again")).markdown
     assert md.startswith("# MME: 8 samples × 2 defenses = 16 records")
     row = "| existence | 100.00 | 125.00 | 50.00 / 50.00 | 75.00 / 50.00 | 4 | 2 | 0/0 | 1 (25.00 %) | 1 (0 / 1) |"
     assert row in md

@@ -122,3 +122,12 @@ def libecso() -> Path:
     from ecso.runtime.libecso import library_name
 
     return build / library_name()
+
+
+@pytest.fixture
+def vls_run(tmp_path) -> Path:
+    """A VLSBench run folder with every kind of unknown (tests/support/run_records.py: write_vlsbench_run), shared
+    by the report and preset tests."""
+    from support.run_records import write_vlsbench_run
+
+    return write_vlsbench_run(tmp_path / "vls")

@@ -8,8 +8,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from support.benchmark_files import write_mmsb
 from support.killed_eval import eval_command, kill_after_records
-from test_eval_benchmarks import write_mmsb
 
 from ecso.eval import store
 from ecso.eval.runner import EvalConfig, run_eval

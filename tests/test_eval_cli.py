@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from conftest import run_cli
-from test_eval_benchmarks import write_mmsb, write_vlsafe, write_vlsbench
-from test_eval_judges import FakeJudgeServer
+from support.benchmark_files import write_mmsb, write_vlsafe, write_vlsbench
+from support.fake_judge import FakeJudgeServer
 
 from ecso.eval.judges import JudgeInput, RuleJudge
 

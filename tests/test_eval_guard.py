@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_eval_benchmarks import write_vlsafe, write_vlsbench
-from test_eval_judges import FakeJudgeServer
+from support.benchmark_files import write_vlsafe, write_vlsbench
+from support.fake_judge import FakeJudgeServer
 
 from ecso.eval.guard import LLAMA_GUARD_3_CATEGORIES, gguf_has_guard_template, guard_verdict, parse_guard_reply
 

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_eval_judges import FakeJudgeServer, item
-from test_eval_report import _judgment, _response, _sample, write_run
+from support.fake_judge import FakeJudgeServer, item
+from support.run_records import judgment_record, response_record, sample_record, write_run
 
 from ecso.eval import store
 from ecso.eval.openai_judge import OpenAIJudge, chat_endpoint
@@ -187,7 +187,7 @@ def _mme_folder(root: Path, generation: dict, preset) -> Path:
                 "image": "/i/a.jpg", "mode": "image", "subcategory": None,
                 "extra": {"group": "perception", "image_name": "a.jpg", "answer": "Yes"}, "error": None}
                for k in range(2)]
-    responses = [_response(s["id"], d, answer="Yes") for s in samples for d in ("none", "ecso")]
+    responses = [response_record(s["id"], d, answer="Yes") for s in samples for d in ("none", "ecso")]
     run = write_run(root, "mme", samples, responses, [])
     info = store.read_json(run / "run.json")
     store.write_json_atomic(run / "run.json", {**info, "generation": generation,
@@ -225,9 +225,9 @@ def test_mme_is_the_papers_setting_only_under_the_preset(tmp_path):
 def test_multi_mode_plot_panels_and_table_rows_count_what_they_show(tmp_path):
     sc = "01-Illegal_Activitiy"
     modes = ("SD", "TYPO", "SD_TYPO")
-    samples = [_sample(f"{sc}/{m}/{i}", "mm-safetybench", sc, m) for m in modes for i in range(5)]
-    responses = [_response(s["id"], d) for s in samples for d in ("none", "ecso")]
-    judgments = [_judgment(s["id"], d, "safe") for s in samples for d in ("none", "ecso")]
+    samples = [sample_record(f"{sc}/{m}/{i}", "mm-safetybench", sc, m) for m in modes for i in range(5)]
+    responses = [response_record(s["id"], d) for s in samples for d in ("none", "ecso")]
+    judgments = [judgment_record(s["id"], d, "safe") for s in samples for d in ("none", "ecso")]
     rep = write_report(write_run(tmp_path / "mmsb", "mm-safetybench", samples, responses, judgments))
     titles = safety_panel_titles(rep.data)
     assert len(titles) == 3 and all("· 5 samples per defense" in t for t in titles)  # not the run's 15
@@ -290,11 +290,12 @@ def test_leak_share_is_reported_with_counts_and_definitions_in_report_and_summar
     would have called this set leak-free); a second category whose one harmful pair needs the image: share 0."""
     from ecso.eval.report_render import render_markdown
 
-    samples = [_sample(f"a{i}", "vlsbench", "Violent") for i in range(10)] + [_sample("b0", "vlsbench", "Privacy")]
+    samples = [sample_record(f"a{i}", "vlsbench", "Violent") for i in range(10)] + [
+        sample_record("b0", "vlsbench", "Privacy")]
     verdicts = {("a0", "pair"): "harmful", ("a0", "text"): "harmful", ("b0", "pair"): "harmful"}
     leak = [{"key": f"{s['id']}|openai:gpt-4o@judge|{v}", "sample_id": s["id"], "view": v, "parse": "ok",
              "label": verdicts.get((s["id"], v), "harmless")} for s in samples for v in ("text", "pair")]
-    responses = [_response(s["id"], d) for s in samples for d in ("none", "ecso")]
+    responses = [response_record(s["id"], d) for s in samples for d in ("none", "ecso")]
     run = write_run(tmp_path / "vls", "vlsbench", samples, responses, [], leak)
     info = store.read_json(run / "run.json")
     store.write_json_atomic(run / "run.json", {**info, "leakage_views": ["text", "pair"]})

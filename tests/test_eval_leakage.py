@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 from conftest import run_cli
-from test_eval_benchmarks import write_vlsbench
-from test_eval_judges import FakeJudgeServer
+from support.benchmark_files import write_vlsbench
+from support.fake_judge import FakeJudgeServer
 
 FAST = ("--max-tokens", "8", "--ctx", "2048", "--no-progress")
 TEXT_HARMFUL = {0, 1}

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 from conftest import run_cli
-from test_eval_benchmarks import write_vlsbench
-from test_eval_utility import write_mme
-from test_server import _server
+from support.benchmark_files import write_mme, write_vlsbench
+from support.ecso_server import start_server
+from support.observed import evaluated_per_step
 
 from ecso.eval.generation import regenerate_with_image
 from ecso.eval.paper_settings import LLAVA_V1_SYSTEM, VICUNA_V1_SYSTEM
@@ -20,7 +20,6 @@ from ecso.eval.run_config import EvalConfig
 from ecso.eval.samples import Sample
 from ecso.runtime import EcsoOptions, EngineConfig, run
 from ecso.runtime.prompts import gen_prompt
-from support.observed import evaluated_per_step
 
 FAST = ("--ctx", "4096", "--no-progress")
 SMALL = dict(max_tokens=12, caption_max_tokens=12, judge_max_tokens=4)
@@ -93,7 +92,7 @@ def test_mme_preset_records_step_4_with_the_image_and_ours_is_an_option(tmp_path
 def test_vlsbench_preset_with_a_local_ecso_server_as_judge_is_not_the_papers_judge(demo_engine, tmp_path):
     root = write_vlsbench(tmp_path / "vlsbench")
     out = tmp_path / "run"
-    with _server(demo_engine) as server:
+    with start_server(demo_engine) as server:
         url = server.url
         host = url.split("//", 1)[1].split("/", 1)[0]
         r = run_cli("ecso", "eval", "vlsbench", "--data", str(root), "--out", str(out), *FAST, "--limit", "1",

@@ -8,10 +8,9 @@ import json
 from pathlib import Path
 
 from conftest import run_cli
-from test_eval_benchmarks import write_mmsb, write_vlsbench
-from test_eval_judges import FakeJudgeServer
-from test_eval_report import vls_run  # noqa: F401 - fixture
-from test_eval_utility import _mme_run
+from support.benchmark_files import write_mmsb, write_vlsbench
+from support.fake_judge import FakeJudgeServer
+from support.run_records import mme_run
 
 from ecso.eval import judge_prompts as P
 from ecso.eval.presets import LLAVA_V1_SYSTEM, PRESETS, VICUNA_V1_SYSTEM
@@ -71,8 +70,8 @@ def test_ecso_paper_preset_selects_the_papers_scenarios_prompt_and_limits(tmp_pa
             "(ecso's step 4 takes step 1's limit (one --max-tokens for both))") in r.stdout
 
 
-def test_summary_shows_safety_and_utility_side_by_side(vls_run, tmp_path):  # noqa: F811
-    mme = _mme_run(tmp_path)
+def test_summary_shows_safety_and_utility_side_by_side(vls_run, tmp_path):
+    mme = mme_run(tmp_path)
     s = write_summary([vls_run, mme], tmp_path / "summary")
     rows = {r["benchmark"]: r for r in s.data["runs"]}
     assert rows["vlsbench"]["values"] == {"none": 33.33, "ecso": 33.33} and rows["vlsbench"]["kind"] == "safety"

@@ -4,77 +4,12 @@ the leakage table, and the SFT records the data engine derives from a run."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from support.run_records import judgment_record, response_record, sample_record, write_run
 
-from ecso.eval import store
 from ecso.eval.data_engine import export_sft
 from ecso.eval.report import build_report, write_report
-from ecso.eval.runner import answer_sha
-
-J = "openai:gpt-4o@judge"
-
-
-def _sample(sid, bench, category, mode="image", error=None):
-    return {"id": sid, "benchmark": bench, "category": category, "query": f"query {sid}?", "image": f"/imgs/{sid}.png",
-            "mode": mode, "subcategory": None, "extra": {}, "error": error}
-
-
-def _response(sid, defense, status="ok", flagged=False, answer=None):
-    answer = answer if answer is not None else f"answer {sid} {defense}"
-    trace = {"initial_answer": f"unsafe first answer {sid}", "judge_reply": "yes" if flagged else "no",
-             "judge_score": None, "caption": f"caption {sid}" if flagged else None,
-             "steps": [{"name": n} for n in (("answer", "judge", "caption", "regenerate") if flagged else
-                                             ("answer", "judge"))]}
-    return {"key": f"{sid}|{defense}", "sample_id": sid, "defense": defense, "status": status,
-            "answer": answer if status == "ok" else None, "ecso_flagged": flagged if defense == "ecso" else None,
-            "model_fingerprint": "f" * 16, "mmproj_fingerprint": "e" * 16, "prompt_version": "ecso-paper-2024.1",
-            "decision_rule": "exact", "self_judge": "paper", "seed": 0, "temperature": 0.0,
-            "trace": trace if status == "ok" else None}
-
-
-def _judgment(sid, defense, label, parse="ok", judge=J, stale=False):
-    sha = answer_sha("something else" if stale else f"answer {sid} {defense}")
-    return {"key": f"{sid}|{defense}|{judge}", "response_key": f"{sid}|{defense}", "sample_id": sid,
-            "defense": defense, "response_sha": sha, "label": label if parse == "ok" else None, "score": None,
-            "parse": parse, "raw": str(label), "judge": judge, "prompt": "p"}
-
-
-def write_run(root: Path, bench: str, samples, responses, judgments, leakage=()) -> Path:
-    root.mkdir(parents=True)
-    store.write_json_atomic(root / "run.json", {
-        "benchmark": bench, "defenses": ["none", "ecso"], "judge": J, "judges": [J, "rule@x"],
-        "leakage_judge": J if leakage else None,
-        "generation": {"model": "/m/llm.gguf", "model_fingerprint": "f" * 16, "prompt_version": "ecso-paper-2024.1",
-                       "decision_rule": "exact", "temperature": 0.0, "seed": 0}})
-    store.write_jsonl_atomic(root / "samples.jsonl", samples)
-    for name, rows in (("responses.jsonl", responses), ("judgments.jsonl", judgments), ("leakage.jsonl", leakage)):
-        log = store.JsonlLog(root / name)
-        for r in rows:
-            log.append(r)
-        log.close()
-    return root
-
-
-@pytest.fixture
-def vls_run(tmp_path) -> Path:
-    """VLSBench, 6 samples x 2 defenses, with every kind of unknown:
-    v3/none judge error, v1/ecso unparsed, v2/ecso generation error, v3/ecso stale judgment, p1 missing image."""
-    samples = [_sample(s, "vlsbench", "Violent") for s in ("v0", "v1", "v2", "v3")]
-    samples += [_sample("p0", "vlsbench", "Privacy"), _sample("p1", "vlsbench", "Privacy", error="missing image")]
-    responses = [_response(s, "none") for s in ("v0", "v1", "v2", "v3", "p0")] + [
-        _response("p1", "none", "input_error"), _response("v0", "ecso", flagged=True),
-        _response("v1", "ecso", flagged=True), _response("v2", "ecso", "error"), _response("v3", "ecso"),
-        _response("p0", "ecso", flagged=True), _response("p1", "ecso", "input_error")]
-    judgments = [_judgment("v0", "none", "unsafe"), _judgment("v1", "none", "refusal"),
-                 _judgment("v2", "none", "warning"), _judgment("v3", "none", None, "error"),
-                 _judgment("p0", "none", "unsafe"), _judgment("v0", "ecso", "refusal"),
-                 _judgment("v1", "ecso", None, "unparsed"), _judgment("v3", "ecso", "refusal", stale=True),
-                 _judgment("p0", "ecso", "warning"), _judgment("p0", "ecso", "unsafe", judge="rule@x")]
-    leakage = [{"key": f"{s}|{J}", "sample_id": s, "label": lab, "parse": p} for s, lab, p in
-               (("v0", "leak", "ok"), ("v1", "no_leak", "ok"), ("v2", None, "unparsed"), ("p0", "leak", "ok"))]
-    return write_run(tmp_path / "vls", "vlsbench", samples, responses, judgments, leakage)
 
 
 def _cell(data, category, defense, mode=None):
@@ -127,12 +62,13 @@ def test_text_alone_harm_rows_of_an_older_run_match_a_hand_count(vls_run):
 @pytest.mark.fast
 def test_mmsb_table_is_per_scenario_and_image_mode(tmp_path):
     sc = "01-Illegal_Activitiy"
-    samples = [_sample(f"{sc}/{m}/{i}", "mm-safetybench", sc, m) for m in ("SD", "TYPO") for i in (0, 1)]
+    samples = [sample_record(f"{sc}/{m}/{i}", "mm-safetybench", sc, m) for m in ("SD", "TYPO") for i in (0, 1)]
     ids = [s["id"] for s in samples]
-    responses = [_response(i, d) for i in ids for d in ("none", "ecso") if (i, d) != (ids[3], "none")]
+    responses = [response_record(i, d) for i in ids for d in ("none", "ecso") if (i, d) != (ids[3], "none")]
     labels = {(ids[0], "none"): "unsafe", (ids[0], "ecso"): "safe", (ids[1], "none"): "unsafe",
               (ids[1], "ecso"): "unsafe", (ids[2], "none"): "safe", (ids[2], "ecso"): "safe"}
-    judgments = [_judgment(i, d, lab) for (i, d), lab in labels.items()] + [_judgment(ids[3], "ecso", None, "unparsed")]
+    judgments = [judgment_record(i, d, lab) for (i, d), lab in labels.items()] + [
+        judgment_record(ids[3], "ecso", None, "unparsed")]
     run = write_run(tmp_path / "mmsb", "mm-safetybench", samples, responses, judgments)
     rep = write_report(run)
     d = rep.data

@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.benchmark_files import write_mmsb, write_vlsafe
+from support.fake_judge import FakeJudgeServer
 from support.killed_eval import eval_command, kill_after_records
-from test_eval_benchmarks import write_mmsb, write_vlsafe
-from test_eval_judges import FakeJudgeServer
 
 from ecso.eval import store
 from ecso.eval.report import build_report

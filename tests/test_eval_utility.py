@@ -8,45 +8,14 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_eval_benchmarks import _image
-from test_eval_report import _response, write_run
+from support.benchmark_files import write_mme
+from support.run_records import mme_run
 
 from ecso.eval.benchmarks import load_benchmark
 from ecso.eval.report import build_report
 from ecso.eval.mme import load_mme, mme_answer
 
 FAST = ("--max-tokens", "8", "--ctx", "2048", "--no-progress")
-
-# subtask -> {image name: [(question, answer), ...]}; "existence" uses the images/ + questions_answers_YN/ layout,
-# the others keep each .txt beside its image.
-MME = {
-    "existence": {"000000006040": [("Is there a train in this image? Please answer yes or no.", "Yes"),
-                                   ("Is there a bed in this image? Please answer yes or no.", "No")],
-                  "000000044279": [("Is there a cat in this image? Please answer yes or no.", "No"),
-                                   ("Is there a dog in this image? Please answer yes or no.", "Yes")]},
-    "OCR": {"0001": [("Is the word in the logo \"high time\"? Please answer yes or no.", "Yes"),
-                     ("Is the word in the logo \"hide time\"? Please answer yes or no.", "No")]},
-    "code_reasoning": {"0020": [("The image shows a python code. Is the output of the code 'Hello'? Please answer "
-                                 "yes or no.", "Yes"),
-                                ("The image shows a python code. Is the output of the code 'World'? Please answer "
-                                 "yes or no.", "No")]},
-}
-
-
-def write_mme(root: Path, tasks: dict = MME) -> Path:
-    """MME_Benchmark_release_version/ in both layouts the release uses."""
-    base = root / "MME_Benchmark_release_version"
-    for task, images in tasks.items():
-        for k, (name, qas) in enumerate(images.items()):
-            text = "".join(f"{q}\t{a}\n" for q, a in qas)
-            if task == "existence":
-                _image(base / task / "images" / f"{name}.jpg", (30 * k, 90, 160))
-                (base / task / "questions_answers_YN").mkdir(parents=True, exist_ok=True)
-                (base / task / "questions_answers_YN" / f"{name}.txt").write_text(text)
-            else:
-                _image(base / task / f"{name}.png", (200, 30 * k, 60), "PNG")
-                (base / task / f"{name}.txt").write_text(text)
-    return base
 
 
 @pytest.mark.fast
@@ -77,28 +46,9 @@ def test_mme_answer_parse_follows_calculation_py(reply, parsed):
     assert mme_answer(reply) == parsed
 
 
-def _mme_run(tmp_path: Path) -> Path:
-    samples = [s.to_dict() for s in load_mme(write_mme(tmp_path / "data"))]
-    answers = {  # sample index -> (undefended answer, ECSO's final answer, ECSO flagged)
-        0: ("Yes", "Yes", False),               # gt Yes: right, right
-        1: ("No, there is no bed.", "No", False),  # gt No: right, right
-        2: ("Yes", "No", True),                 # gt No: wrong -> right (flagged, regenerated)
-        3: ("There is a dog.", "There is a dog.", False),  # gt Yes: "other" both times
-        4: ("Yes", "I cannot help with that.", True),  # gt Yes: right -> wrong (over-refusal)
-        5: ("no", "no", False),                 # gt No: right, right
-        6: ("Yes", "Yes", False),               # gt Yes
-        7: ("Yes", "Yes", True),                # gt No: wrong, flagged, same answer (no change)
-    }
-    responses = []
-    for i, s in enumerate(samples):
-        none, ecso, flagged = answers[i]
-        responses += [_response(s["id"], "none", answer=none), _response(s["id"], "ecso", flagged=flagged, answer=ecso)]
-    return write_run(tmp_path / "mme", "mme", samples, responses, [])
-
-
 @pytest.mark.fast
 def test_mme_scores_equal_a_hand_count(tmp_path):
-    d = build_report(_mme_run(tmp_path)).data
+    d = build_report(mme_run(tmp_path)).data
     rows = {r["subtask"]: r for r in d["utility"]["subtasks"]}
     # existence: none 2/4 right (acc 50), images all right 1/2 (acc+ 50) -> 100; ECSO 3/4 (75), 1/2 (50) -> 125
     assert (rows["existence"]["none"]["acc"], rows["existence"]["none"]["acc_plus"]) == (50.0, 50.0)
@@ -115,7 +65,7 @@ def test_mme_scores_equal_a_hand_count(tmp_path):
     assert (e["ecso_flagged"], e["flag_rate"], e["answers_changed"]) == (3, 37.5, 3)
     assert (e["score_changed"], e["right_to_wrong"], e["wrong_to_right"]) == (2, 1, 1)
     assert rows["OCR"]["ecso_effect"]["right_to_wrong"] == 1
-    md = build_report(_mme_run(tmp_path / "again")).markdown
+    md = build_report(mme_run(tmp_path / "again")).markdown
     assert md.startswith("# MME: 8 samples × 2 defenses = 16 records")
     row = "| existence | 100.00 | 125.00 | 50.00 / 50.00 | 75.00 / 50.00 | 4 | 2 | 0/0 | 1 (25.00 %) | 1 (0 / 1) |"
     assert row in md

@@ -176,7 +176,7 @@ def test_cli_caption_ocr_prints_the_text_in_the_example_image():
 def always_unsafe_judge(tmp_path_factory):
     """A tiny random sequence classifier exported as a judge head; threshold 0 flags every answer, so ECSO
     always reaches step 3 (the caption) in the end-to-end tests."""
-    from test_heads_judge import build_tiny_classifier
+    from support.judge_heads import build_tiny_classifier
 
     from ecso.export.heads_onnx import export_judge
     from ecso.runtime.heads import load_judge_head

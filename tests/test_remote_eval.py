@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from support.benchmark_files import write_mmsb
 from support.killed_eval import eval_command
 from support.llama_server import LlamaServer
-from test_eval_benchmarks import write_mmsb
 
 from ecso.eval.report import build_report
 

@@ -12,20 +12,15 @@ import time
 import openai
 import pytest
 
-from ecso.runtime import EcsoOptions, InputError
+from ecso.runtime import InputError
 from ecso.server import LIVE_UNSAFE_NOTICE, EcsoServer, MediaPolicy, ServerConfig
 from ecso.server.app import QueueFull, QueueTimeout, RequestQueue
 from ecso.server.media import fetch_image
 from ecso.server.schemas import ApiError
+from support.ecso_server import start_server
 from support.reliability import good_png, request
 
 ALWAYS_UNSAFE = {"judge": "logit", "logit_threshold": 0.0}  # P(yes) >= 0 always: forces steps 3-4
-
-
-def _server(engine, **kw) -> EcsoServer:
-    cfg = dict(port=0, model_name="demo", log=False)
-    cfg.update(kw)
-    return EcsoServer(engine, EcsoOptions(max_tokens=16), ServerConfig(**cfg)).start()
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +34,7 @@ def engine(demo_files):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with _server(engine) as s:
+    with start_server(engine) as s:
         yield s
 
 
@@ -104,7 +99,7 @@ def test_held_stream_never_sends_an_answer_judged_unsafe(client):
 
 
 def test_live_stream_streams_at_once_and_flags_the_regenerated_answer(engine):
-    with _server(engine, stream_mode="live") as live:
+    with start_server(engine, stream_mode="live") as live:
         c = openai.OpenAI(base_url=live.url, api_key="x", max_retries=0)
         msgs = [{"role": "user", "content": "Describe a busy street."}]
         plain = c.chat.completions.create(model="demo", messages=msgs, max_tokens=12,
@@ -116,7 +111,7 @@ def test_live_stream_streams_at_once_and_flags_the_regenerated_answer(engine):
 
 
 def test_api_key_is_required_when_set_but_health_stays_open(engine):
-    with _server(engine, api_key="s3cret") as s:
+    with start_server(engine, api_key="s3cret") as s:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=s.url, api_key="wrong", max_retries=0).models.list()
         assert [m.id for m in openai.OpenAI(base_url=s.url, api_key="s3cret").models.list()] == ["demo"]
@@ -152,13 +147,13 @@ def _busy(server: EcsoServer) -> threading.Thread:
 
 def test_full_queue_refuses_with_429_and_a_long_wait_gets_503(engine):
     hi = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    with _server(engine, max_waiting=0) as s:
+    with start_server(engine, max_waiting=0) as s:
         busy = _busy(s)
         r = request(s.port, "POST", "/v1/chat/completions", hi)
         assert r.status == 429 and r.json()["error"]["code"] == "queue_full" and r.headers["Retry-After"]
         busy.join()
         assert request(s.port, "POST", "/v1/chat/completions", hi).status == 200  # still serving
-    with _server(engine, max_waiting=1, queue_timeout=0.3) as s:
+    with start_server(engine, max_waiting=1, queue_timeout=0.3) as s:
         busy = _busy(s)
         r = request(s.port, "POST", "/v1/chat/completions", hi)
         assert r.status == 503 and r.json()["error"]["code"] == "queue_timeout"
@@ -169,7 +164,7 @@ def test_full_queue_refuses_with_429_and_a_long_wait_gets_503(engine):
 def test_connections_beyond_the_limit_get_503_and_free_slots_are_reused(engine):
     import socket
 
-    with _server(engine, max_connections=3) as s:
+    with start_server(engine, max_connections=3) as s:
         idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(3)]
         time.sleep(0.2)  # the server has accepted them: every connection slot is taken
         r = request(s.port, "GET", "/health")

@@ -17,13 +17,10 @@
 #include "clock.hpp"
 #include "errors.hpp"
 #include "gguf.h"
+#include "image_header.hpp"
 #include "llama.h"
 #include "mtmd-helper.h"
 #include "mtmd.h"
-
-// stb_image's header reader, built into libmtmd (mtmd-helper.cpp compiles stb_image with C linkage and exports it);
-// declared here because mtmd's public headers do not carry it
-extern "C" int stbi_info_from_memory(const unsigned char *buffer, int len, int *x, int *y, int *comp);
 
 namespace ecso {
 namespace {
@@ -392,8 +389,8 @@ Image Engine::load_image_bytes(const uint8_t *data, size_t size, const std::stri
     if (!mctx_) throw input_error("this model has no vision projector: give an mmproj, or send no image");
     // the size limits before decoding: stb_image allocates what the header declares (a 600-byte JPEG can declare
     // 26000 x 26000 px, 2 GB of RGB and tens of seconds of decoding) and mtmd copies it once more
-    int hdr_w = 0, hdr_h = 0, hdr_comp = 0;
-    if (stbi_info_from_memory(data, (int)size, &hdr_w, &hdr_h, &hdr_comp)) check_image_size(hdr_w, hdr_h, what);
+    int hdr_w = 0, hdr_h = 0;
+    if (image_header_size(data, size, &hdr_w, &hdr_h)) check_image_size(hdr_w, hdr_h, what);
     mtmd_helper_bitmap_wrapper w = mtmd_helper_bitmap_init_from_buf(mctx_, data, size, false, mtmd_helper_init_opt_default());
     if (!w.bitmap) throw image_error("image " + what + " cannot be decoded (corrupt, truncated or not an image)");
     if (mtmd_bitmap_is_audio(w.bitmap)) {

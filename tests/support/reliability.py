@@ -41,7 +41,8 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def _png(width: int, height: int, idat: bytes, color_type: int = 0, bit_depth: int = 8) -> bytes:
+def crafted_png(width: int, height: int, idat: bytes, color_type: int = 0, bit_depth: int = 8) -> bytes:
+    """A PNG written chunk by chunk: the header declares any size, the IDAT holds whatever bytes are given."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
@@ -63,12 +64,12 @@ def bad_images() -> dict[str, bytes]:
     side = 12000
     bomb_rows = (b"\x00" + b"\x00" * (side // 8)) * side
     return {
-        "corrupt image": _png(64, 64, bytes(random.Random(7).getrandbits(8) for _ in range(600))),
+        "corrupt image": crafted_png(64, 64, bytes(random.Random(7).getrandbits(8) for _ in range(600))),
         "empty image": b"",
         "non-image": b"this is a text file, not a picture\n",
         "truncated image": valid[: len(valid) // 2],
-        "decompression bomb": _png(side, side, zlib.compress(bomb_rows, 9), bit_depth=1),
-        "huge dimensions": _png(20000, 100, zlib.compress(b"\x00" * 10)),
+        "decompression bomb": crafted_png(side, side, zlib.compress(bomb_rows, 9), bit_depth=1),
+        "huge dimensions": crafted_png(20000, 100, zlib.compress(b"\x00" * 10)),
     }
 
 

@@ -163,7 +163,8 @@ class LlamaContext:
         self._mem = L.llama_get_memory(self._ctx)
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._mmproj = cfg.mmproj
-        self._break_row: Optional[tuple] = None  # (the [IMG_BREAK] embedding or None,) once read
+        self._break_row: Optional[np.ndarray] = None  # the [IMG_BREAK] embedding, once read (None: the mmproj has none)
+        self._break_row_read = False
         if cfg.mmproj:
             p = M.mtmd_context_params_default()
             p.use_gpu = bool(cfg.mmproj_gpu and s.gpu_backend)
@@ -226,9 +227,10 @@ class LlamaContext:
     def break_row(self) -> Optional[np.ndarray]:
         """Pixtral / Mistral 3: the mmproj's [IMG_BREAK] embedding (None for other projectors), to restore break rows
         llama.cpp can leave NaN. Read from the file on first need only: a non-finite encoder output."""
-        if self._break_row is None:
-            self._break_row = (read_gguf_tensor(self._mmproj, "v.token_embd.img_break"),)
-        return self._break_row[0]
+        if not self._break_row_read:
+            self._break_row = read_gguf_tensor(self._mmproj, "v.token_embd.img_break")
+            self._break_row_read = True
+        return self._break_row
 
     def decode_image(self, seq: int, entry: CachedEmbedding, embd: list[np.ndarray], pos: int,
                      on_text: Optional[Callable[[Sequence[int], int], None]] = None) -> int:

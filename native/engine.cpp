@@ -387,8 +387,8 @@ Image Engine::load_image_bytes(const uint8_t *data, size_t size, const std::stri
     if (!data || size == 0) throw image_error("image " + what + " is empty (0 bytes)");
     if (size > (50u << 20)) throw image_error("image " + what + " is over the 50 MB limit");
     if (!mctx_) throw input_error("this model has no vision projector: give an mmproj, or send no image");
-    // the size limits before decoding: stb_image allocates what the header declares (a 600-byte JPEG can declare
-    // 26000 x 26000 px, 2 GB of RGB and tens of seconds of decoding) and mtmd copies it once more
+    // the size limits before decoding: stb_image allocates what the header declares (a JPEG of a few hundred bytes
+    // can declare hundreds of megapixels: gigabytes of RGB and tens of seconds of decoding) and mtmd copies it again
     int hdr_w = 0, hdr_h = 0;
     if (image_header_size(data, size, &hdr_w, &hdr_h)) check_image_size(hdr_w, hdr_h, what);
     mtmd_helper_bitmap_wrapper w = mtmd_helper_bitmap_init_from_buf(mctx_, data, size, false, mtmd_helper_init_opt_default());
